@@ -1,0 +1,18 @@
+"""jaxgpt: a readable, fast GPT in pure JAX."""
+
+from jaxgpt.config import Config, GPTConfig
+from jaxgpt.model import abstract_params, count_params, forward, init_params, loss_fn
+from jaxgpt.tokenizer import get_tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "GPTConfig",
+    "abstract_params",
+    "count_params",
+    "forward",
+    "get_tokenizer",
+    "init_params",
+    "loss_fn",
+]

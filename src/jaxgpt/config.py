@@ -1,0 +1,166 @@
+"""Configuration: nested dataclasses that round-trip through TOML, and the shipped presets.
+
+The section and field names follow nanoGPT's, so a nanoGPT user recognises every knob.
+"""
+
+import dataclasses
+import difflib
+import importlib.resources
+import tomllib
+import types
+import typing
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem with a configuration (unknown key, wrong type, bad value)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Shape of the model. `vocab_size` may be larger than the tokenizer's (padding)."""
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+    dropout: float = 0.0
+    bias: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dir: str = "data/shakespeare"
+    batch_size: int = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    max_iters: int = 600000
+    eval_interval: int = 2000
+    eval_iters: int = 200
+    log_interval: int = 10
+    grad_accum: int = 1
+    seed: int = 1337
+    out_dir: str = "out"
+    keep: int = 2
+    """How many of the latest checkpoints to keep (the best one is kept apart)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: GPTConfig = GPTConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+
+PRESETS_DIR = importlib.resources.files("jaxgpt") / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in PRESETS_DIR.iterdir() if p.name.endswith(".toml"))
+
+
+def _check_value(where: str, value, annotation):
+    """Returns `value` converted to `annotation`'s type, or raises ConfigError naming `where`."""
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        if type(value) is annotation:
+            return value
+        raise ConfigError(f"{where} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            if option is type(None) and value is None:
+                return None
+            if option is not type(None):
+                try:
+                    return _check_value(where, value, option)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"{where} has the wrong type: {value!r}")
+    raise ConfigError(f"{where}: unsupported type {annotation}")
+
+
+def _from_dict(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"[{where}] must be a table, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        name = f"{where}.{key}" if where else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            raise ConfigError(f"unknown config key '{name}'{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _from_dict(hints[key], value, name)
+        else:
+            kwargs[key] = _check_value(name, value, hints[key])
+    return cls(**kwargs)
+
+
+def from_dict(d: dict) -> Config:
+    return _from_dict(Config, d, "")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def dumps(cfg: Config) -> str:
+    """TOML text of a config: one table per section, None values left out."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def loads(text: str, where: str = "config") -> Config:
+    try:
+        d = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where} is not valid TOML: {e}") from None
+    return from_dict(d)
+
+
+def load(path_or_preset: str) -> Config:
+    """A config from a TOML file path or the name of a shipped preset."""
+    if path_or_preset.endswith(".toml") or Path(path_or_preset).exists():
+        path = Path(path_or_preset)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return loads(path.read_text(), where=str(path))
+    names = preset_names()
+    if path_or_preset not in names:
+        close = difflib.get_close_matches(path_or_preset, names, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"available: {', '.join(names)}"
+        raise ConfigError(f"unknown preset '{path_or_preset}': {hint}")
+    return loads((PRESETS_DIR / f"{path_or_preset}.toml").read_text(), where=f"preset {path_or_preset}")

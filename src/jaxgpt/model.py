@@ -1,0 +1,144 @@
+"""GPT-2: a params pytree and pure functions of (params, tokens, config).
+
+Shapes live in names: B batch, T time, D width, H heads, K head width, F MLP width (4·D),
+V vocab, N = B·T tokens. Matmuls run on 2-D [N, D] activations: XLA:CPU computes
+their gradients far faster than those of 3-D ones (see FACTS.md).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import GPTConfig
+
+Params = dict
+
+
+def _dense_init(key, d_in: int, d_out: int, std: float, bias: bool) -> dict:
+    p = {"kernel": std * jax.random.normal(key, (d_in, d_out), jnp.float32)}
+    if bias:
+        p["bias"] = jnp.zeros((d_out,), jnp.float32)
+    return p
+
+
+def _norm_init(d: int, bias: bool) -> dict:
+    p = {"scale": jnp.ones((d,), jnp.float32)}
+    if bias:
+        p["bias"] = jnp.zeros((d,), jnp.float32)
+    return p
+
+
+def init_params(cfg: GPTConfig, key: jax.Array) -> Params:
+    """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layer)."""
+    D, std = cfg.n_embd, 0.02
+    proj_std = std / math.sqrt(2 * cfg.n_layer)
+    k_wte, k_wpe, *k_layers = jax.random.split(key, 2 + cfg.n_layer)
+    blocks = []
+    for k in k_layers:
+        k_qkv, k_out, k_fc, k_proj = jax.random.split(k, 4)
+        blocks.append({
+            "ln_1": _norm_init(D, cfg.bias),
+            "attn": {
+                "c_attn": _dense_init(k_qkv, D, 3 * D, std, cfg.bias),
+                "c_proj": _dense_init(k_out, D, D, proj_std, cfg.bias),
+            },
+            "ln_2": _norm_init(D, cfg.bias),
+            "mlp": {
+                "c_fc": _dense_init(k_fc, D, 4 * D, std, cfg.bias),
+                "c_proj": _dense_init(k_proj, 4 * D, D, proj_std, cfg.bias),
+            },
+        })
+    return {
+        "wte": std * jax.random.normal(k_wte, (cfg.vocab_size, D), jnp.float32),
+        "wpe": std * jax.random.normal(k_wpe, (cfg.block_size, D), jnp.float32),
+        "h": blocks,
+        "ln_f": _norm_init(D, cfg.bias),
+    }
+
+
+def abstract_params(cfg: GPTConfig) -> Params:
+    """The param tree as ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
+
+
+def count_params(params: Params, cfg: GPTConfig | None = None, *, non_embedding: bool = False) -> int:
+    """Number of parameters; `non_embedding` leaves out the position table (as nanoGPT does)."""
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    return n - math.prod(params["wpe"].shape) if non_embedding else n
+
+
+def _dense(p: dict, x_ND: jax.Array) -> jax.Array:
+    y = x_ND @ p["kernel"]
+    return y + p["bias"] if "bias" in p else y
+
+
+def _layer_norm(p: dict, x_ND: jax.Array, eps: float = 1e-5) -> jax.Array:
+    mean_N1 = x_ND.mean(-1, keepdims=True)
+    var_N1 = jnp.square(x_ND - mean_N1).mean(-1, keepdims=True)
+    y_ND = (x_ND - mean_N1) * jax.lax.rsqrt(var_N1 + eps) * p["scale"]
+    return y_ND + p["bias"] if "bias" in p else y_ND
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def _attention(q_BTHK, k_BTHK, v_BTHK, rate: float, key: jax.Array | None) -> jax.Array:
+    """Causal softmax attention. Without dropout it is `jax.nn.dot_product_attention`."""
+    if key is None or rate == 0.0:
+        return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)
+    T, K = q_BTHK.shape[1], q_BTHK.shape[3]
+    s_BHTT = jnp.einsum("bqhk,bshk->bhqs", q_BTHK, k_BTHK) / math.sqrt(K)
+    causal_TT = jnp.tril(jnp.ones((T, T), bool))
+    s_BHTT = jnp.where(causal_TT, s_BHTT, jnp.finfo(s_BHTT.dtype).min)
+    p_BHTT = _dropout(jax.nn.softmax(s_BHTT, axis=-1), rate, key)
+    return jnp.einsum("bhqs,bshk->bqhk", p_BHTT, v_BTHK)
+
+
+def _block(p: dict, x_ND: jax.Array, B: int, cfg: GPTConfig, key: jax.Array | None) -> jax.Array:
+    N, D = x_ND.shape
+    T, H = N // B, cfg.n_head
+    k_attn, k_resid1, k_resid2 = jax.random.split(key, 3) if key is not None else (None,) * 3
+    qkv_N3D = _dense(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x_ND))
+    q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, H, D // H) for a in jnp.split(qkv_N3D, 3, axis=-1))
+    y_ND = _attention(q_BTHK, k_BTHK, v_BTHK, cfg.dropout, k_attn).reshape(N, D)
+    x_ND = x_ND + _dropout(_dense(p["attn"]["c_proj"], y_ND), cfg.dropout, k_resid1)
+    h_NF = jax.nn.gelu(_dense(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x_ND)), approximate=True)
+    return x_ND + _dropout(_dense(p["mlp"]["c_proj"], h_NF), cfg.dropout, k_resid2)
+
+
+def hidden(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None) -> jax.Array:
+    """Final-LayerNorm hidden states [N, D]. `key` turns dropout on (training)."""
+    B, T = tokens_BT.shape
+    if T > cfg.block_size:
+        raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+    x_BTD = params["wte"][tokens_BT] + params["wpe"][:T]
+    keys = jax.random.split(key, cfg.n_layer + 1) if key is not None else [None] * (cfg.n_layer + 1)
+    x_ND = _dropout(x_BTD.reshape(B * T, -1), cfg.dropout, keys[0])
+    for p_block, k in zip(params["h"], keys[1:]):
+        x_ND = _block(p_block, x_ND, B, cfg, k)
+    return _layer_norm(params["ln_f"], x_ND)
+
+
+def forward(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None) -> jax.Array:
+    """Logits float32 [B, T, V] for int tokens [B, T]; the output layer is tied to `wte`."""
+    B, T = tokens_BT.shape
+    logits_NV = hidden(params, tokens_BT, cfg, key) @ params["wte"].T
+    return logits_NV.reshape(B, T, -1)
+
+
+def loss_fn(params: Params, tokens_BT, targets_BT, cfg: GPTConfig, key=None, mask_BT=None) -> jax.Array:
+    """Mean next-token cross-entropy; `mask_BT` (0/1) leaves positions out of the mean."""
+    B, T = tokens_BT.shape
+    logits_NV = hidden(params, tokens_BT, cfg, key) @ params["wte"].T
+    logz_N = jax.nn.logsumexp(logits_NV, axis=-1)
+    target_logit_N = jnp.take_along_axis(logits_NV, targets_BT.reshape(-1, 1), axis=-1)[:, 0]
+    nll_N = logz_N - target_logit_N
+    if mask_BT is None:
+        return nll_N.mean()
+    mask_N = mask_BT.reshape(-1).astype(nll_N.dtype)
+    return (nll_N * mask_N).sum() / jnp.maximum(mask_N.sum(), 1.0)

@@ -1,0 +1,60 @@
+"""Tokenizers behind one small interface: encode(str) -> list[int], decode(list[int]) -> str.
+
+A dataset's meta.json records its tokenizer (`tokenizer_from_meta` rebuilds it), so
+sampling and evaluation always use the tokenizer the data was made with.
+"""
+
+import dataclasses
+
+
+class TokenizerError(ValueError):
+    """Text or ids the tokenizer cannot handle; the message names them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CharTokenizer:
+    """One id per character, in sorted order of the characters seen in the training text."""
+
+    chars: str
+    name: str = "char"
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    @property
+    def eot_token(self) -> None:
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        index = {c: i for i, c in enumerate(self.chars)}
+        unknown = sorted(set(text) - index.keys())
+        if unknown:
+            raise TokenizerError(
+                f"characters not in this model's vocabulary: {''.join(unknown)!r}; "
+                "use only characters that occur in its training text"
+            )
+        return [index[c] for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def meta(self) -> dict:
+        return {"encoding": "char", "vocab_size": self.vocab_size, "chars": self.chars}
+
+
+def tokenizer_from_meta(meta: dict):
+    """The tokenizer a dataset's meta.json describes."""
+    encoding = meta.get("encoding")
+    if encoding == "char":
+        return CharTokenizer(meta["chars"])
+    return get_tokenizer(encoding)
+
+
+def get_tokenizer(name: str):
+    """A tokenizer by name (e.g. "gpt2")."""
+    raise TokenizerError(f"unknown encoding {name!r}: use 'char'")
