@@ -5,6 +5,8 @@ sampling and evaluation always use the tokenizer the data was made with.
 """
 
 import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 
 class TokenizerError(ValueError):
@@ -17,10 +19,6 @@ class CharTokenizer:
 
     chars: str
     name: str = "char"
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
 
     @property
     def vocab_size(self) -> int:
@@ -47,8 +45,20 @@ class CharTokenizer:
         return {"encoding": "char", "vocab_size": self.vocab_size, "chars": self.chars}
 
 
-def tokenizer_from_meta(meta: dict):
-    """The tokenizer a dataset's meta.json describes."""
+def make_tokenizer(encoding: str, train_texts: Callable[[], Iterator[str]], out_dir: Path):
+    """The tokenizer `prepare` encodes with. `train_texts()` iterates over the training
+    split's documents (callable again for a second pass); a tokenizer that has files of its
+    own writes them into `out_dir`, beside the shards."""
+    if encoding == "char":
+        chars = set()
+        for text in train_texts():
+            chars.update(text)
+        return CharTokenizer("".join(sorted(chars)))
+    return get_tokenizer(encoding)
+
+
+def tokenizer_from_meta(meta: dict, data_dir: Path | None = None):
+    """The tokenizer a dataset's meta.json (in `data_dir`) describes."""
     encoding = meta.get("encoding")
     if encoding == "char":
         return CharTokenizer(meta["chars"])
