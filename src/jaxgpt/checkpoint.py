@@ -1,0 +1,90 @@
+"""Checkpoints through orbax: a run directory keeps the latest ones and the best by val loss.
+
+    RUN_DIR/checkpoints/<step>/   the latest `keep` checkpoints (params, opt_state, meta)
+    RUN_DIR/best/<step>/          the one with the lowest val loss so far (params, meta)
+
+orbax commits a step directory atomically, so a crash mid-save never leaves a
+checkpoint that looks complete.
+"""
+
+import json
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+from jaxgpt import config as config_lib
+from jaxgpt import model
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint where the user pointed."""
+
+
+def _manager(directory: Path, keep: int | None = None, create: bool = False) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        directory.absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False),
+    )
+
+
+def managers(run_dir: Path, keep: int) -> dict[str, ocp.CheckpointManager]:
+    return {"latest": _manager(run_dir / "checkpoints", keep, True), "best": _manager(run_dir / "best", 1, True)}
+
+
+def save(mngr: ocp.CheckpointManager, step: int, meta: dict, params, opt_state=None) -> None:
+    items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    mngr.wait_until_finished()
+
+
+def latest_step(mngr: ocp.CheckpointManager) -> int | None:
+    return mngr.latest_step()
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state=None):
+    """(params, opt_state or None, meta) of `step`; arrays take the shardings of the abstract trees."""
+    items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
+    if abstract_opt_state is not None:
+        items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    out = mngr.restore(step, args=ocp.args.Composite(**items))
+    return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
+
+
+def run_config(run_dir: Path) -> config_lib.Config:
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a jaxgpt run directory (no config.toml): train into it first")
+    return config_lib.loads(path.read_text(), where=str(path))
+
+
+def write_run_files(run_dir: Path, cfg: config_lib.Config, data_meta: dict) -> None:
+    """The resolved config and the dataset's meta.json (whose tokenizer sampling needs)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(config_lib.dumps(cfg))
+    (run_dir / "data_meta.json").write_text(json.dumps(data_meta, indent=1, ensure_ascii=False))
+
+
+def data_meta(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "data_meta.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a jaxgpt run directory (no data_meta.json)")
+    return json.loads(path.read_text())
+
+
+def load_params(run_dir: str | Path, which: str = "best"):
+    """(config, params, meta) of a run's best or latest checkpoint, for sampling and evaluation."""
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    if which not in ("best", "latest"):
+        raise CheckpointError(f"--checkpoint must be 'best' or 'latest', got {which!r}")
+    mngr = _manager(run_dir / ("best" if which == "best" else "checkpoints"))
+    step = mngr.latest_step()
+    if step is None and which == "best":
+        mngr = _manager(run_dir / "checkpoints")
+        step = mngr.latest_step()
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {run_dir}: train with --train.eval-interval smaller than max-iters")
+    params, _, meta = restore(mngr, step, model.abstract_params(cfg.model))
+    return cfg, params, meta

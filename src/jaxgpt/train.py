@@ -1,0 +1,184 @@
+"""The training loop: one jitted step, periodic evaluation, logging, checkpoints, resume.
+
+Iteration `it` trains on batch (seed, it) with dropout key (seed, it), so a run resumed
+from the checkpoint taken at `it` continues exactly as the uninterrupted run would have.
+"""
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgpt import checkpoint, data, model, optim
+from jaxgpt.config import Config
+
+EVAL_STREAM = 1 << 40  # eval batches draw from steps far past any training step
+
+
+class TrainError(ValueError):
+    """A run that cannot start as asked (e.g. resuming with no checkpoint)."""
+
+
+def make_train_step(cfg: Config, opt: optax.GradientTransformation):
+    """(params, opt_state, x_ABT, y_ABT, it) -> (params, opt_state, loss, grad_norm); A micro-batches."""
+    mcfg = cfg.model
+    base_key = jax.random.key(cfg.train.seed)
+
+    def micro_grads(params, x_BT, y_BT, key):
+        return jax.value_and_grad(model.loss_fn)(params, x_BT, y_BT, mcfg, key if mcfg.dropout > 0 else None)
+
+    def step(params, opt_state, x_ABT, y_ABT, it):
+        key = jax.random.fold_in(base_key, it)
+        A = x_ABT.shape[0]
+        if A == 1:
+            loss, grads = micro_grads(params, x_ABT[0], y_ABT[0], key)
+        else:
+            def body(acc, i):
+                loss_i, grads_i = micro_grads(params, x_ABT[i], y_ABT[i], jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, acc, (loss_i, grads_i)), None
+
+            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(body, zeros, jnp.arange(A))
+            loss, grads = jax.tree.map(lambda g: g / A, (loss, grads))
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_step(cfg: Config):
+    """(params, x_BT, y_BT, mask_BT) -> (summed loss, token count), for exact means over a split."""
+
+    def step(params, x_BT, y_BT, mask_BT):
+        n = mask_BT.sum()
+        return model.loss_fn(params, x_BT, y_BT, cfg.model, mask_BT=mask_BT) * n, n
+
+    return jax.jit(step)
+
+
+def estimate_loss(eval_step, params, ds: data.Dataset, cfg: Config) -> dict[str, float]:
+    """Mean loss over the same `eval_iters` random batches of each split at every evaluation."""
+    out = {}
+    B, T = cfg.data.batch_size, cfg.model.block_size
+    ones_BT = np.ones((B, T), np.int32)
+    for split in ("train", "val"):
+        total = 0.0
+        for i in range(cfg.train.eval_iters):
+            x, y = data.get_batch(ds, split, B, T, cfg.train.seed, EVAL_STREAM + i)
+            total += float(eval_step(params, x, y, ones_BT)[0]) / (B * T)
+        out[split] = total / cfg.train.eval_iters
+    return out
+
+
+def evaluate_split(params, ds: data.Dataset, cfg: Config, split: str = "val") -> dict[str, float]:
+    """Exact mean loss over every token of a split (deterministic), and its perplexity."""
+    eval_step = make_eval_step(cfg)
+    total, count = 0.0, 0
+    for x, y, m in data.eval_batches(ds, split, cfg.data.batch_size, cfg.model.block_size):
+        s, n = eval_step(params, x, y, m)
+        total, count = total + float(s), count + int(n)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+
+
+def _batch(ds, cfg: Config, it: int):
+    """The micro-batches of iteration `it`, stacked to [A, B, T]."""
+    A, B, T = cfg.train.grad_accum, cfg.data.batch_size, cfg.model.block_size
+    xs, ys = zip(*(data.get_batch(ds, "train", B, T, cfg.train.seed, it * A + a) for a in range(A)))
+    return np.stack(xs), np.stack(ys)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(path: Path, it: int) -> None:
+    """On resume, drop what a crashed run logged past its last checkpoint."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["step"] < it or (rec["step"] == it and "val_loss" in rec):
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def with_data_vocab(cfg: Config, ds: data.Dataset) -> Config:
+    """The model's vocabulary is the dataset's."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=ds.vocab_size))
+
+
+def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Trains per `cfg` into `cfg.train.out_dir`; returns the last losses."""
+    ds = data.open_dataset(cfg.data.dir)
+    cfg = with_data_vocab(cfg, ds)
+    tc = cfg.train
+    run_dir = Path(tc.out_dir)
+    mngrs = checkpoint.managers(run_dir, tc.keep)
+    last = checkpoint.latest_step(mngrs["latest"])
+    if resume and last is None:
+        raise TrainError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
+    if not resume and last is not None:
+        raise TrainError(f"{run_dir} already holds a run (step {last}): add --resume to continue it, or pick another --out-dir")
+    checkpoint.write_run_files(run_dir, cfg, ds.meta)
+    metrics_path = run_dir / "metrics.jsonl"
+
+    opt = optim.make_optimizer(cfg.optim)
+    schedule = optim.lr_schedule(cfg.optim)
+    params = jax.jit(model.init_params, static_argnums=0)(cfg.model, jax.random.key(tc.seed))
+    opt_state = opt.init(params)
+    n_params = model.count_params(params)
+    log(f"model: {n_params:,} parameters ({model.count_params(params, non_embedding=True):,} without positions), "
+        f"vocab {cfg.model.vocab_size}, data {ds.dir} ({ds.tokens('train'):,} train tokens)")
+
+    start, best_val = 0, math.inf
+    if resume:
+        params, opt_state, meta = checkpoint.restore(mngrs["latest"], last, params, opt_state)
+        start, best_val = meta["step"], meta["best_val_loss"]
+        _trim_metrics(metrics_path, start)
+        log(f"resumed from {run_dir}/checkpoints/{last} (best val loss so far {best_val:.4f})")
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    train_step = make_train_step(cfg, opt)
+    eval_step = make_eval_step(cfg)
+    tokens_per_it = tc.grad_accum * cfg.data.batch_size * cfg.model.block_size
+    losses: dict[str, float] = {}
+    x, y = _batch(ds, cfg, start)
+    t_log, steps_since_log = time.perf_counter(), 0
+    for it in range(start, tc.max_iters + 1):
+        if (it % tc.eval_interval == 0 or it == tc.max_iters) and not (resume and it == start):
+            losses = estimate_loss(eval_step, params, ds, cfg)
+            _append_jsonl(metrics_path, {"step": it, "train_loss": losses["train"], "val_loss": losses["val"]})
+            log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if it > 0:
+                best_val = min(best_val, losses["val"])
+                meta = {"step": it, "val_loss": losses["val"], "best_val_loss": best_val}
+                checkpoint.save(mngrs["latest"], it, meta, params, opt_state)
+                if losses["val"] == best_val:
+                    checkpoint.save(mngrs["best"], it, meta, params)
+            t_log, steps_since_log = time.perf_counter(), 0
+        if it == tc.max_iters:
+            break
+        params, opt_state, loss, grad_norm = train_step(params, opt_state, x, y, it)
+        x, y = _batch(ds, cfg, it + 1)  # prepared while the device computes
+        steps_since_log += 1
+        if it % tc.log_interval == 0:
+            loss, grad_norm = float(loss), float(grad_norm)
+            dt = (time.perf_counter() - t_log) / steps_since_log
+            rec = {"step": it, "loss": loss, "lr": float(schedule(it)), "grad_norm": grad_norm,
+                   "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_it / dt}
+            _append_jsonl(metrics_path, rec)
+            log(f"iter {it}: loss {loss:.4f}, lr {rec['lr']:.2e}, {rec['ms_per_step']:.1f} ms/step, "
+                f"{rec['tokens_per_s']:,.0f} tok/s")
+            t_log, steps_since_log = time.perf_counter(), 0
+    return {"train_loss": losses.get("train"), "val_loss": losses.get("val"), "best_val_loss": best_val}
