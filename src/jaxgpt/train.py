@@ -48,7 +48,7 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation):
             (loss, grads), _ = jax.lax.scan(body, zeros, jnp.arange(A))
             loss, grads = jax.tree.map(lambda g: g / A, (loss, grads))
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
     return jax.jit(step, donate_argnums=(0, 1))
 

@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+
+from jaxgpt import data
+
+
+def test_prepare_round_trip_and_counts(tmp_path, shakespeare_text):
+    src = tmp_path / "in.txt"
+    src.write_text(shakespeare_text)
+    meta = data.prepare(data.resolve_source(str(src)), tmp_path / "d", val_fraction=0.1)
+    ds = data.open_dataset(tmp_path / "d")
+    tok = ds.tokenizer()
+    train = tok.decode(np.asarray(ds.splits["train"][0]).tolist())
+    val = tok.decode(np.asarray(ds.splits["val"][0]).tolist())
+    assert train + val == shakespeare_text
+    assert len(train) == round(0.9 * len(shakespeare_text))
+    assert meta["splits"]["train"]["tokens"] == len(train)
+    assert meta["splits"]["val"]["tokens"] == len(val)
+    assert meta["vocab_size"] == len(set(shakespeare_text))
+    on_disk = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert on_disk == meta
+    assert (tmp_path / "d" / "train.bin").stat().st_size == 2 * len(train)  # nanoGPT's uint16 format
+
+
+def test_shards_hold_the_same_tokens(tmp_path, shakespeare_text):
+    src = tmp_path / "in.txt"
+    src.write_text(shakespeare_text)
+    data.prepare(data.resolve_source(str(src)), tmp_path / "one")
+    meta = data.prepare(data.resolve_source(str(src)), tmp_path / "sharded", shard_size=7000)
+    files = meta["splits"]["train"]["files"]
+    assert [f["tokens"] for f in files[:-1]] == [7000] * (len(files) - 1)
+    one = np.fromfile(tmp_path / "one" / "train.bin", np.uint16)
+    shards = np.concatenate([np.fromfile(tmp_path / "sharded" / f["name"], np.uint16) for f in files])
+    np.testing.assert_array_equal(one, shards)
+
+
+def test_folder_of_documents(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, text in enumerate(["first document\n", "second one\n", "the third, and last\n" * 50]):
+        (folder / f"{i}.txt").write_text(text)
+    meta = data.prepare(data.resolve_source(str(folder)), tmp_path / "d", val_fraction=0.2)
+    assert meta["source_chars"] == sum(len(p.read_text()) for p in folder.iterdir())
+    ds = data.open_dataset(tmp_path / "d")
+    total = ds.tokens("train") + ds.tokens("val")
+    assert total == meta["source_chars"]  # char encoding has no document separator
+
+
+def test_embedded_shakespeare_reads_as_a_play():
+    docs = data.shakespeare_documents()
+    assert len(docs) >= 30
+    text = docs[0]
+    blocks = text.split("\n\n")
+    speaker, first_line = blocks[0].split("\n")[:2]
+    assert speaker.endswith(":") and speaker[:-1].isupper()
+    assert first_line and not first_line.startswith(("#", "*", "_"))
+    assert "*" not in text and "_" not in text and "\\" not in text
+
+
+def test_batches_are_a_function_of_seed_and_step(tiny_dataset):
+    ds = data.open_dataset(tiny_dataset)
+    x1, y1 = data.get_batch(ds, "train", 4, 32, seed=1, step=7)
+    x2, y2 = data.get_batch(ds, "train", 4, 32, seed=1, step=7)
+    x3, _ = data.get_batch(ds, "train", 4, 32, seed=1, step=8)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+    assert not np.array_equal(x1, x3)
+    np.testing.assert_array_equal(x1[:, 1:], y1[:, :-1])
+    assert x1.dtype == np.int32 and x1.shape == (4, 32)
+
+
+def test_eval_batches_cover_every_token_once(tiny_dataset):
+    ds = data.open_dataset(tiny_dataset)
+    val = np.asarray(ds.splits["val"][0])
+    targets = []
+    for x, y, m in data.eval_batches(ds, "val", batch_size=5, block_size=64):
+        assert x.shape == y.shape == m.shape == (5, 64)
+        targets.append(y[m == 1])
+    np.testing.assert_array_equal(np.concatenate(targets), val[1:])
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(data.DataError, match="jaxgpt prepare"):
+        data.open_dataset(tmp_path / "nothing")
+
+
+def test_truncated_token_file_is_named(tmp_path, tiny_dataset):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, broken)
+    with open(broken / "val.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(data.DataError, match="val.bin"):
+        data.open_dataset(broken)
+
+
+def test_offline_download_names_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    with pytest.raises(data.DataError, match="--input"):
+        data.resolve_source("tinyshakespeare", cache_dir=tmp_path)

@@ -1,0 +1,91 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgpt import model
+from jaxgpt.config import GPTConfig
+
+CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=False)
+
+
+def test_param_count_matches_abstract_tree_and_gpt2():
+    params = model.init_params(CFG, jax.random.key(0))
+    abstract = model.abstract_params(CFG)
+    assert jax.tree.structure(params) == jax.tree.structure(abstract)
+    assert model.count_params(params) == model.count_params(abstract)
+    # the published size of GPT-2 small, from shapes alone
+    assert model.count_params(model.abstract_params(GPTConfig())) == 124_439_808
+
+
+def test_causal():
+    params = model.init_params(CFG, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size)
+    t = 9
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % CFG.vocab_size)
+    a, b = model.forward(params, tokens, CFG), model.forward(params, changed, CFG)
+    np.testing.assert_array_equal(np.asarray(a[:, :t]), np.asarray(b[:, :t]))
+    assert not np.allclose(np.asarray(a[:, t:]), np.asarray(b[:, t:]))
+
+
+def test_loss_at_init_is_about_log_vocab():
+    params = model.init_params(CFG, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, CFG.vocab_size)
+    loss = float(model.loss_fn(params, tokens, jnp.roll(tokens, -1, axis=1), CFG))
+    assert abs(loss - math.log(CFG.vocab_size)) < 0.1
+
+
+def test_masked_loss_is_mean_over_kept_positions():
+    params = model.init_params(CFG, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size)
+    targets = jnp.roll(tokens, -1, axis=1)
+    logp = jax.nn.log_softmax(model.forward(params, tokens, CFG))
+    nll = -np.take_along_axis(np.asarray(logp), np.asarray(targets)[..., None], -1)[..., 0]
+    mask = np.zeros((2, 16), np.int32)
+    mask[0, :5] = 1
+    mask[1, 3:7] = 1
+    got = float(model.loss_fn(params, tokens, targets, CFG, mask_BT=jnp.asarray(mask)))
+    np.testing.assert_allclose(got, nll[mask == 1].mean(), rtol=1e-5)
+
+
+def test_fused_attention_equals_plain_softmax_attention():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(kk, (2, 16, 2, 8)) for kk in (k1, k2, k3))
+    fused = model._attention(q, k, v, 0.0, None)
+    s = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(8)
+    s = jnp.where(jnp.tril(jnp.ones((16, 16), bool)), s, -jnp.inf)
+    plain = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(s, -1), v)
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(plain), atol=1e-5)
+
+
+def test_dropout_only_with_a_key():
+    cfg = GPTConfig(**{**CFG.__dict__, "dropout": 0.5})
+    params = model.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    plain = model.forward(params, tokens, cfg)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(model.forward(params, tokens, CFG)))
+    d1 = model.forward(params, tokens, cfg, jax.random.key(2))
+    d2 = model.forward(params, tokens, cfg, jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
+    assert not np.allclose(np.asarray(d1), np.asarray(plain))
+
+
+def test_tiny_batch_overfits():
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=65, bias=True)
+    params = model.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, cfg.vocab_size)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    opt = optax.adam(3e-3)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(model.loss_fn)(params, x, y, cfg)
+        updates, state = opt.update(grads, state)
+        return optax.apply_updates(params, updates), state, loss
+
+    for _ in range(300):
+        params, state, loss = step(params, state)
+    assert float(loss) < 0.1

@@ -1,0 +1,115 @@
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgpt import checkpoint, config, data, model, optim, train
+from jaxgpt.config import Config, DataConfig, GPTConfig, OptimConfig, TrainConfig
+
+
+def tiny_config(data_dir, out_dir, **train_kw) -> Config:
+    return Config(
+        model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, dropout=0.1, bias=False),
+        data=DataConfig(dir=str(data_dir), batch_size=4),
+        optim=OptimConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=5, lr_decay_iters=20),
+        train=TrainConfig(**{"max_iters": 20, "eval_interval": 10, "eval_iters": 2, "log_interval": 1,
+                             "out_dir": str(out_dir), **train_kw}),
+    )
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_dataset):
+    straight = tiny_config(tiny_dataset, tmp_path / "straight")
+    train.train(straight, log=lambda s: None)
+
+    first = tiny_config(tiny_dataset, tmp_path / "resumed", max_iters=10)
+    train.train(first, log=lambda s: None)
+    train.train(tiny_config(tiny_dataset, tmp_path / "resumed"), resume=True, log=lambda s: None)
+
+    a, b = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(20))
+    assert a == b  # bitwise: same batches, dropout keys, optimizer state and schedule
+
+
+def test_run_directory_and_checkpoints(tmp_path, tiny_dataset):
+    cfg = tiny_config(tiny_dataset, tmp_path / "run")
+    result = train.train(cfg, log=lambda s: None)
+    run = tmp_path / "run"
+    saved = config.loads((run / "config.toml").read_text())
+    assert saved.model.vocab_size == data.open_dataset(tiny_dataset).vocab_size
+    assert saved.train == cfg.train
+    records = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20]
+    assert all("loss" in r and "step" in r for r in records if "val_loss" not in r)
+    _, params, meta = checkpoint.load_params(run, "best")
+    assert meta["val_loss"] == meta["best_val_loss"] == result["best_val_loss"]
+    _, latest, meta = checkpoint.load_params(run, "latest")
+    assert meta["step"] == 20
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=True)
+    params = model.init_params(cfg, jax.random.key(3))
+    opt = optim.make_optimizer(OptimConfig())
+    opt_state = opt.init(params)
+    mngr = checkpoint.managers(tmp_path, keep=2)["latest"]
+    checkpoint.save(mngr, 7, {"step": 7}, params, opt_state)
+    abstract = model.abstract_params(cfg)
+    got_params, got_state, meta = checkpoint.restore(mngr, 7, abstract, jax.eval_shape(opt.init, abstract))
+    assert meta == {"step": 7}
+    for a, b in zip(jax.tree.leaves((params, opt_state)), jax.tree.leaves((got_params, got_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(opt_state) == jax.tree.structure(got_state)
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_dataset):
+    base = tiny_config(tiny_dataset, "unused")
+    base = dataclasses.replace(base, model=dataclasses.replace(base.model, dropout=0.0, vocab_size=65))
+    ds = data.open_dataset(tiny_dataset)
+    base = train.with_data_vocab(base, ds)
+    params = model.init_params(base.model, jax.random.key(0))
+    x, y = train._batch(ds, dataclasses.replace(base, train=dataclasses.replace(base.train, grad_accum=2)), 0)
+    opt = optim.make_optimizer(base.optim)
+
+    accum = dataclasses.replace(base, train=dataclasses.replace(base.train, grad_accum=2))
+    p_acc, _, loss_acc, gn_acc = train.make_train_step(accum, opt)(
+        jax.tree.map(lambda a: a.copy(), params), opt.init(params), x, y, 3)
+    p_one, _, loss_one, gn_one = train.make_train_step(base, opt)(
+        jax.tree.map(lambda a: a.copy(), params), opt.init(params), x.reshape(1, 8, -1), y.reshape(1, 8, -1), 3)
+    np.testing.assert_allclose(float(loss_acc), float(loss_one), rtol=1e-5)
+    np.testing.assert_allclose(float(gn_acc), float(gn_one), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(p_acc), jax.tree.leaves(p_one)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_resume_without_checkpoint_and_reusing_a_run_dir_are_refused(tmp_path, tiny_dataset):
+    with pytest.raises(train.TrainError, match="no checkpoint"):
+        train.train(tiny_config(tiny_dataset, tmp_path / "empty"), resume=True, log=lambda s: None)
+    cfg = tiny_config(tiny_dataset, tmp_path / "run", max_iters=10)
+    train.train(cfg, log=lambda s: None)
+    with pytest.raises(train.TrainError, match="already holds a run"):
+        train.train(cfg, log=lambda s: None)
+
+
+def test_exact_eval_matches_forward(tiny_dataset):
+    cfg = train.with_data_vocab(tiny_config(tiny_dataset, "unused"), data.open_dataset(tiny_dataset))
+    params = model.init_params(cfg.model, jax.random.key(0))
+    ds = data.open_dataset(tiny_dataset)
+    val = np.asarray(ds.splits["val"][0]).astype(np.int32)
+    T = cfg.model.block_size
+    nll = []
+    for s in range(0, val.size - 1, T):
+        x, y = val[s : s + T][None], val[s + 1 : s + T + 1][None]
+        x = x[:, : y.shape[1]]
+        logp = jax.nn.log_softmax(model.forward(params, x, cfg.model))
+        nll.append(-np.take_along_axis(np.asarray(logp), y[..., None], -1).ravel())
+    want = np.concatenate(nll).mean()
+    got = train.evaluate_split(params, ds, cfg, "val")
+    assert got["tokens"] == val.size - 1
+    np.testing.assert_allclose(got["loss"], want, rtol=1e-5)
