@@ -83,14 +83,18 @@ def test_loss_matches_transformers_labels(saved):
     assert abs(float(loss) - ref) <= 1e-5
 
 
-def test_pytorch_model_bin_reads_like_safetensors(saved, tmp_path):
+def test_bin_and_sharded_checkpoints_read_alike(saved, tmp_path):
     _, m, path = saved
-    torch.save(m.state_dict(), tmp_path / "pytorch_model.bin")
-    (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    cfg_st, params_st = jaxgpt.load_hf(path)
-    cfg_pt, params_pt = jaxgpt.load_hf(tmp_path)
-    assert cfg_st == cfg_pt
-    jax.tree.map(np.testing.assert_array_equal, params_st, params_pt)
+    (tmp_path / "bin").mkdir()
+    torch.save(m.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((path / "config.json").read_text())
+    m.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    cfg, params = jaxgpt.load_hf(path)
+    for layout in ("bin", "sharded"):
+        cfg_other, params_other = jaxgpt.load_hf(tmp_path / layout)
+        assert cfg_other == cfg
+        jax.tree.map(np.testing.assert_array_equal, params_other, params)
 
 
 def _train(cfg: GPTConfig, steps: int = 5):
