@@ -15,7 +15,7 @@ def test_prepare_round_trip_and_counts(tmp_path, shakespeare_text):
     train = tok.decode(np.asarray(ds.splits["train"][0]).tolist())
     val = tok.decode(np.asarray(ds.splits["val"][0]).tolist())
     assert train + val == shakespeare_text
-    assert len(train) == round(0.9 * len(shakespeare_text))
+    assert len(train) == int(0.9 * len(shakespeare_text))
     assert meta["splits"]["train"]["tokens"] == len(train)
     assert meta["splits"]["val"]["tokens"] == len(val)
     assert meta["vocab_size"] == len(set(shakespeare_text))

@@ -29,7 +29,9 @@ class PrepareArgs:
 
     source: Positional[str]
     encoding: str = "char"
-    """Tokenizer: 'char' (one id per character of the corpus)."""
+    """Tokenizer: 'char' (one id per character of the corpus), 'gpt2' (GPT-2's BPE, with
+    <|endoftext|> between documents), 'bpe:N' (a byte-level BPE of N tokens trained on the
+    train split) or 'sentencepiece:PATH.model'."""
     out: str | None = None
     """Output directory (default: data/SOURCE, or data/SOURCE-ENCODING when not char)."""
     input: str | None = None
@@ -53,6 +55,8 @@ class TrainArgs:
     """Shorthand for --train.out-dir."""
     resume: bool = False
     """Continue from the latest checkpoint in the out-dir."""
+    init_from: str | None = None
+    """Shorthand for --train.init-from: start from a Hugging Face GPT-2 (directory or Hub name)."""
     model: GPTConfig = GPTConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -64,16 +68,21 @@ class TrainArgs:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=self.data_dir))
         if self.out_dir is not None:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=self.out_dir))
+        if self.init_from is not None:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=self.init_from))
         return cfg
 
 
 @dataclasses.dataclass
 class SampleArgs:
-    """Generate text from a trained run's checkpoint. Contexts longer than the model's
-    block_size slide: only the last block_size tokens are seen, as in nanoGPT."""
+    """Generate text from a trained run's checkpoint or a Hugging Face GPT-2. Contexts
+    longer than the model's block_size slide: only the last block_size tokens are seen,
+    as in nanoGPT."""
 
-    out_dir: str
+    out_dir: str | None = None
     """The run directory written by 'jaxgpt train'."""
+    init_from: str | None = None
+    """Instead of a run: a Hugging Face GPT-2 directory or Hub name (gpt2, gpt2-medium, ...)."""
     prompt: str = "\n"
     """The text to continue; @FILE reads it from a file."""
     num_samples: int = 3
@@ -103,6 +112,19 @@ class EvalArgs:
     """Print one JSON object with loss and perplexity."""
 
 
+@dataclasses.dataclass
+class ConvertArgs:
+    """Write a model in Hugging Face's GPT-2 layout (config.json + model.safetensors, and
+    GPT-2's tokenizer files when the model uses it), loadable by
+    transformers.GPT2LMHeadModel.from_pretrained. SRC is a jaxgpt run directory, an HF
+    GPT-2 directory, or a Hub name (gpt2, gpt2-medium, ...)."""
+
+    src: Positional[str]
+    dst: Positional[str]
+    checkpoint: Literal["best", "latest"] = "best"
+    """Which checkpoint of a run directory."""
+
+
 def _parse(cls, argv: list[str], prog: str, default=None):
     """tyro's parse, with its boxed error message condensed to one line."""
     err = io.StringIO()
@@ -116,14 +138,16 @@ def _parse(cls, argv: list[str], prog: str, default=None):
 
 
 def _one_line(boxed: str, prog: str) -> str:
-    body = [ln for ln in boxed.splitlines() if not ln.lstrip().startswith(("╭", "╰"))]  # box titles
-    lines = [re.sub(r"^[\s│─]+|[\s│─]+$", "", ln) for ln in body]
-    lines = [ln for ln in lines if ln and not ln.startswith(("For full helptext", "usage:", "Argument helptext"))]
-    if not lines:
+    """The message line of tyro's error panel (its title has no colon), with its suggestion."""
+    lines = [re.sub(r"^[\s│╭╰╮╯─]+|[\s│╭╰╮╯─]+$", "", ln) for ln in boxed.splitlines()]
+    lines = [ln for ln in lines if ln.strip("-") and not ln.startswith(("For full helptext", "usage:", "Argument"))]
+    messages = [i for i, ln in enumerate(lines) if ":" in ln]
+    if not messages:
         return f"invalid arguments: see {prog} --help"
-    msg = lines[0].rstrip(".")
-    if msg.endswith(":") and len(lines) > 1:  # "Missing from jaxgpt eval:" + the flag on the next line
-        msg = f"{msg} {lines[1].split()[0]}"
+    i = messages[0]
+    msg = lines[i].rstrip(".")
+    if msg.endswith(":") and i + 1 < len(lines):  # "Missing from jaxgpt eval:" + the flag on the next line
+        msg = f"{msg} {lines[i + 1].split()[0]}"
     if "Perhaps you meant:" in lines:
         guess = lines[lines.index("Perhaps you meant:") + 1].split()[0]
         msg += f" (did you mean {guess}?)"
@@ -135,8 +159,8 @@ def cmd_prepare(argv: list[str]) -> None:
 
     args = _parse(PrepareArgs, argv, "jaxgpt prepare")
     source = data.resolve_source(args.source, args.input)
-    name = Path(args.source).stem if args.source not in ("shakespeare", "tinyshakespeare") else args.source
-    out = Path(args.out or (f"data/{name}" if args.encoding == "char" else f"data/{name}-{args.encoding}"))
+    suffix = "" if args.encoding == "char" else "-" + re.sub(r"[^\w.-]+", "_", args.encoding.split("/")[-1])
+    out = Path(args.out or f"data/{source.name}{suffix}")
     meta = data.prepare(source, out, args.encoding, args.val_fraction, args.shard_size,
                         progress=lambda s: print(f"\r{s}", end="", file=sys.stderr, flush=True))
     print(file=sys.stderr)
@@ -170,16 +194,35 @@ def _read_prompt(prompt: str) -> str:
     return prompt
 
 
+def _load_model(out_dir: str | None, init_from: str | None, which: str = "best"):
+    """(model config, params, tokenizer) of a run directory or of a Hugging Face GPT-2."""
+    from jaxgpt import checkpoint, tokenizer
+
+    if (out_dir is None) == (init_from is None):
+        raise config_lib.ConfigError("give either --out-dir RUN_DIR or --init-from gpt2|HF_DIR")
+    if init_from is not None:
+        from jaxgpt import hf
+
+        model_cfg, params = hf.load_hf(init_from)
+        if model_cfg.vocab_size < 50257:
+            raise config_lib.ConfigError(
+                f"{init_from} has a vocabulary of {model_cfg.vocab_size}, not GPT-2's: sample from its run directory"
+            )
+        return model_cfg, params, tokenizer.get_tokenizer("gpt2")
+    cfg, params, _ = checkpoint.load_params(out_dir, which)
+    tok = tokenizer.tokenizer_from_meta(checkpoint.data_meta(out_dir)["tokenizer"], Path(cfg.data.dir))
+    return cfg.model, params, tok
+
+
 def cmd_sample(argv: list[str]) -> None:
-    from jaxgpt import checkpoint, generate, tokenizer
+    from jaxgpt import generate
 
     args = _parse(SampleArgs, argv, "jaxgpt sample")
-    cfg, params, meta = checkpoint.load_params(args.out_dir, args.checkpoint)
-    tok = tokenizer.tokenizer_from_meta(checkpoint.data_meta(args.out_dir)["tokenizer"], Path(cfg.data.dir))
+    model_cfg, params, tok = _load_model(args.out_dir, args.init_from, args.checkpoint)
     prompt_ids = tok.encode(_read_prompt(args.prompt))
     if not prompt_ids:
         raise config_lib.ConfigError("--prompt is empty: give at least one character")
-    outs = generate.generate(params, cfg.model, [prompt_ids] * args.num_samples, args.max_new_tokens,
+    outs = generate.generate(params, model_cfg, [prompt_ids] * args.num_samples, args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for i, ids in enumerate(outs):
         print(tok.decode(prompt_ids + ids))
@@ -208,14 +251,32 @@ def cmd_eval(argv: list[str]) -> None:
               f"over {result['tokens']:,} tokens (checkpoint at step {meta['step']})")
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+def cmd_convert(argv: list[str]) -> None:
+    from jaxgpt import hf
 
-USAGE = """usage: jaxgpt {prepare,train,sample,eval} [--help] ...
+    args = _parse(ConvertArgs, argv, "jaxgpt convert")
+    if (Path(args.src) / "config.toml").is_file():
+        model_cfg, params, tok = _load_model(args.src, None, args.checkpoint)
+    else:
+        from jaxgpt import tokenizer
+
+        model_cfg, params = hf.load_hf(args.src)
+        tok = tokenizer.get_tokenizer("gpt2") if model_cfg.vocab_size >= 50257 else None
+    hf.save_hf(model_cfg, params, args.dst, tokenizer=tok)
+    print(f"wrote {args.dst}: GPT-2 with {model_cfg.n_layer} layers, width {model_cfg.n_embd}, "
+          f"vocabulary {model_cfg.vocab_size}")
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
+            "convert": cmd_convert}
+
+USAGE = """usage: jaxgpt {prepare,train,sample,eval,convert} [--help] ...
 
   prepare   text -> token files + meta.json     jaxgpt prepare shakespeare
   train     train a model from a preset/config  jaxgpt train shakespeare-char-cpu
   sample    generate text from a trained run    jaxgpt sample --out-dir out/shakespeare-char-cpu
   eval      exact loss/perplexity on a split    jaxgpt eval --out-dir out/shakespeare-char-cpu
+  convert   export to Hugging Face GPT-2 layout  jaxgpt convert out/shakespeare-char-cpu hf-dir
 
 Add --debug anywhere to see the full traceback of an error."""
 
@@ -245,10 +306,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    from jaxgpt import checkpoint, data, tokenizer, train
+    from jaxgpt import checkpoint, data, hf, tokenizer, train
 
     user_errors = (config_lib.ConfigError, data.DataError, tokenizer.TokenizerError,
-                   checkpoint.CheckpointError, train.TrainError, OSError)
+                   checkpoint.CheckpointError, train.TrainError, hf.HFError, OSError)
     return isinstance(e, user_errors)
 
 

@@ -227,7 +227,7 @@ class _SplitWriter:
 
 def _split_texts(source: Source, total_chars: int, val_fraction: float) -> Iterator[tuple[str, str, bool]]:
     """(split, text, starts_document) pieces: the last `val_fraction` of the characters is val."""
-    boundary = round(total_chars * (1.0 - val_fraction))
+    boundary = int(total_chars * (1.0 - val_fraction))  # int() as nanoGPT, for the same split
     seen = 0
     for doc in source.documents():
         first = True

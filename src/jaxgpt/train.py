@@ -129,25 +129,33 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
         raise TrainError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
     if not resume and last is not None:
         raise TrainError(f"{run_dir} already holds a run (step {last}): add --resume to continue it, or pick another --out-dir")
-    checkpoint.write_run_files(run_dir, cfg, ds.meta)
-    metrics_path = run_dir / "metrics.jsonl"
-
     opt = optim.make_optimizer(cfg.optim)
     schedule = optim.lr_schedule(cfg.optim)
-    params = jax.jit(model.init_params, static_argnums=0)(cfg.model, jax.random.key(tc.seed))
-    opt_state = opt.init(params)
-    n_params = model.count_params(params)
-    log(f"model: {n_params:,} parameters ({model.count_params(params, non_embedding=True):,} without positions), "
-        f"vocab {cfg.model.vocab_size}, data {ds.dir} ({ds.tokens('train'):,} train tokens)")
-
     start, best_val = 0, math.inf
+    metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        params, opt_state, meta = checkpoint.restore(mngrs["latest"], last, params, opt_state)
+        if tc.init_from:  # the shape came from the checkpoint started from; the run recorded it
+            cfg = dataclasses.replace(cfg, model=checkpoint.run_config(run_dir).model)
+        abstract = model.abstract_params(cfg.model)
+        params, opt_state, meta = checkpoint.restore(mngrs["latest"], last, abstract, jax.eval_shape(opt.init, abstract))
         start, best_val = meta["step"], meta["best_val_loss"]
         _trim_metrics(metrics_path, start)
         log(f"resumed from {run_dir}/checkpoints/{last} (best val loss so far {best_val:.4f})")
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    else:
+        if tc.init_from:
+            from jaxgpt import hf
+
+            model_cfg, params = hf.init_from(tc.init_from, cfg.model)
+            cfg = dataclasses.replace(cfg, model=model_cfg)
+            log(f"initialised from {tc.init_from}")
+        else:
+            params = jax.jit(model.init_params, static_argnums=0)(cfg.model, jax.random.key(tc.seed))
+        opt_state = opt.init(params)
+        metrics_path.unlink(missing_ok=True)
+    checkpoint.write_run_files(run_dir, cfg, ds.meta)
+    log(f"model: {model.count_params(params):,} parameters "
+        f"({model.count_params(params, non_embedding=True):,} without positions), vocab {cfg.model.vocab_size}, "
+        f"data {ds.dir} ({ds.tokens('train'):,} train tokens)")
 
     train_step = make_train_step(cfg, opt)
     eval_step = make_eval_step(cfg)

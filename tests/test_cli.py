@@ -1,0 +1,77 @@
+"""The command line: an end-to-end run in a subprocess, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxgpt import cli
+
+TINY = ["--model.n-layer", "2", "--model.n-head", "2", "--model.n-embd", "32", "--model.block-size", "32",
+        "--data.batch-size", "4", "--train.max-iters", "6", "--train.eval-interval", "3",
+        "--train.eval-iters", "2", "--train.log-interval", "2"]
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "jaxgpt.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_prepare_train_sample_eval(tmp_path, shakespeare_text):
+    (tmp_path / "corpus.txt").write_text(shakespeare_text)
+    r = run("prepare", "corpus.txt", "--out", "data", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "data" / "meta.json").is_file()
+
+    r = run("train", "shakespeare-char-cpu", "--data-dir", "data", "--out-dir", "run", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "parameters" in r.stdout and "iter 4: loss" in r.stdout
+    lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "val_loss" in r] == [0, 3, 6]
+
+    r = run("sample", "--out-dir", "run", "--prompt", "ROMEO:", "--num-samples", "2", "--max-new-tokens", "20",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("ROMEO:") == 2
+
+    r = run("eval", "--out-dir", "run", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["tokens"] == len(shakespeare_text) - int(0.9 * len(shakespeare_text)) - 1
+    assert abs(result["perplexity"] - 2.718281828 ** result["loss"]) < 1e-6 * result["perplexity"]
+
+    r = run("train", "shakespeare-char-cpu", "--data-dir", "data", "--out-dir", "run", *TINY, cwd=tmp_path)
+    assert r.returncode == 1 and "--resume" in r.stderr  # never overwrites a run silently
+
+
+def one_line_error(capsys, argv) -> str:
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("error: ")
+    return err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--model.n-layr", "3"], "did you mean --model.n-layer"),
+    (["train", "--model.n-layer", "four"], "--model.n-layer"),
+    (["train", "shakespeare-char-cp"], "did you mean 'shakespeare-char-cpu'"),
+    (["train", "--data-dir", "/nonexistent/data"], "jaxgpt prepare"),
+    (["sample"], "--out-dir"),
+    (["eval", "--out-dir", "/nonexistent/run"], "not a jaxgpt run directory"),
+    (["prepare", "/nonexistent/corpus.txt"], "does not exist"),
+    (["prepare", "shakespeare", "--encoding", "klingon"], "klingon"),
+])
+def test_user_errors_are_one_line(capsys, argv, expected):
+    assert expected in one_line_error(capsys, argv)
+
+
+def test_unknown_key_in_config_file(capsys, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[optim]\nlearning_rat = 0.1\n")
+    assert "'optim.learning_rat' (did you mean 'learning_rate'?)" in one_line_error(capsys, ["train", str(path)])
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run("train", "--data-dir", "nowhere", "--debug", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" in r.stderr
