@@ -101,3 +101,25 @@ def test_offline_download_names_input(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     with pytest.raises(data.DataError, match="--input"):
         data.resolve_source("tinyshakespeare", cache_dir=tmp_path)
+
+
+def test_chunked_gpt2_encoding_equals_whole_text(tmp_path, monkeypatch, shakespeare_text):
+    from jaxgpt import tokenizer
+
+    monkeypatch.setattr(data, "CHUNK_CHARS", 997)  # many cuts, including inside blank-line runs
+    src = tmp_path / "in.txt"
+    text = shakespeare_text[:20_000].replace("\n\n", "\n\n\n  ")
+    src.write_text(text)
+    data.prepare(data.resolve_source(str(src)), tmp_path / "d", encoding="gpt2", val_fraction=0.5)
+    ds = data.open_dataset(tmp_path / "d")
+    whole = tokenizer.get_tokenizer("gpt2").encode(text[: int(0.5 * len(text))])
+    np.testing.assert_array_equal(np.asarray(ds.splits["train"][0]), whole)
+
+
+def test_several_processes_write_the_same_files(tmp_path, monkeypatch, shakespeare_text):
+    monkeypatch.setattr(data, "CHUNK_CHARS", 5000)
+    src = tmp_path / "in.txt"
+    src.write_text(shakespeare_text)
+    one = data.prepare(data.resolve_source(str(src)), tmp_path / "one", encoding="gpt2", workers=1)
+    two = data.prepare(data.resolve_source(str(src)), tmp_path / "two", encoding="gpt2", workers=2)
+    assert one["splits"] == two["splits"]  # token counts and sha256 of every file

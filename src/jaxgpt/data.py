@@ -97,8 +97,17 @@ def _text_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _safe_cut(text: str) -> int:
+    """Index after the last newline that a non-space follows: GPT-2's pre-tokenizer splits
+    there too, so encoding the pieces gives the same ids as encoding the whole (0: no cut)."""
+    i = text.rfind("\n")
+    while i >= 0 and (i + 1 == len(text) or text[i + 1].isspace()):
+        i = text.rfind("\n", 0, i)
+    return i + 1
+
+
 def _read_chunks(path: Path) -> Iterator[str]:
-    """A text file in pieces of about CHUNK_CHARS, cut after a newline so words stay whole."""
+    """A text file in pieces of about CHUNK_CHARS, cut where the tokenizer would split anyway."""
     try:
         f = path.open(encoding="utf-8")
     except OSError as e:
@@ -113,12 +122,10 @@ def _read_chunks(path: Path) -> Iterator[str]:
             if not block:
                 break
             text = rest + block
-            cut = text.rfind("\n") + 1
-            if cut == 0:
-                rest = text
-                continue
+            cut = _safe_cut(text)
             rest = text[cut:]
-            yield text[:cut]
+            if cut:
+                yield text[:cut]
         if rest:
             yield rest
 
