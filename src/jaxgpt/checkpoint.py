@@ -48,6 +48,12 @@ def latest_step(mngr: ocp.CheckpointManager) -> int | None:
     return mngr.latest_step()
 
 
+def saved_steps(run_dir: Path) -> list[int]:
+    """Steps of the committed checkpoints in a run directory (touches nothing)."""
+    directory = Path(run_dir) / "checkpoints"
+    return list(_manager(directory).all_steps()) if directory.is_dir() else []
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state=None):
     """(params, opt_state or None, meta) of `step`; arrays take the shardings of the abstract trees."""
     items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}

@@ -198,18 +198,17 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
     cfg = with_data_vocab(cfg, ds)
     tc = cfg.train
     run_dir = Path(tc.out_dir)
-    mngrs = checkpoint.managers(run_dir, tc.keep)
-    last = checkpoint.latest_step(mngrs["latest"])
-    if resume and last is None:
+    steps = checkpoint.saved_steps(run_dir)
+    if resume and not steps:
         raise TrainError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
-    if not resume and last is not None:
+    if not resume and steps:
         if not force:
-            raise TrainError(f"{run_dir} already holds a run (step {last}): add --resume to continue it, "
+            raise TrainError(f"{run_dir} already holds a run (step {max(steps)}): add --resume to continue it, "
                              "--force to delete it and start over, or pick another --out-dir")
         for name in ("checkpoints", "best", "tensorboard", "corrupt"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
-        mngrs = checkpoint.managers(run_dir, tc.keep)
         log(f"--force: deleted the run in {run_dir}")
+    mngrs = checkpoint.managers(run_dir, tc.keep)  # this also removes what killed saves left
 
     opt = optim.make_optimizer(cfg.optim)
     schedule = optim.lr_schedule(cfg.optim)
@@ -221,6 +220,9 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                                                   jax.eval_shape(opt.init, abstract), log)
         start, best_val = meta["step"], meta["best_val_loss"]
         evaluated_at_start = meta["val_loss"] is not None
+        for step in mngrs["best"].all_steps():
+            if step > start:  # saved by the part of the run that is being redone
+                mngrs["best"].delete(step)
         log(f"resumed from {run_dir}/checkpoints/{start} (best val loss so far {best_val:.4f})")
     elif tc.init_from:
         from jaxgpt import hf
@@ -260,9 +262,9 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                 if it > 0:
                     best_val = min(best_val, losses["val"])
                     meta = {"step": it, "val_loss": losses["val"], "best_val_loss": best_val}
-                    _save(mngrs["latest"], it, meta, params, opt_state)
-                    if losses["val"] == best_val:
+                    if losses["val"] == best_val:  # before `latest`: a resume never lacks the best it recorded
                         _save(mngrs["best"], it, meta, params)
+                    _save(mngrs["latest"], it, meta, params, opt_state)
                 t_log, steps_since_log = time.perf_counter(), 0
             if it == tc.max_iters:
                 rlog.status = "finished"
