@@ -45,6 +45,12 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    schedule: str = "cosine"
+    """Learning rate after the linear warmup: constant, linear (to min_lr at lr_decay_iters), cosine
+    (to min_lr at lr_decay_iters), rsqrt (learning_rate * sqrt(warmup_iters / step)) or wsd
+    (warmup-stable-decay: flat, then linear to min_lr over the last decay_fraction of lr_decay_iters)."""
+    decay_fraction: float = 0.2
+    """wsd only: the share of lr_decay_iters spent decaying."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +68,24 @@ class TrainConfig:
     """Steps with non-finite gradients are skipped; this many in a row stop the run."""
     init_from: str | None = None
     """A Hugging Face GPT-2 to start from instead of random weights: a directory or a Hub name (gpt2, gpt2-xl, ...)."""
+    layer_stats: bool = False
+    """At log steps, also log each layer's parameter norm, gradient norm and update/parameter ratio."""
+    profile_steps: str | None = None
+    """START:END: write a JAX profiler trace (with a Perfetto file) of those steps to RUN_DIR/profile."""
+    wandb_project: str | None = None
+    """Also log metrics to this Weights & Biases project (pip install 'jaxgpt[wandb]'; offline without network)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """lm-evaluation-harness tasks run during training (pip install 'jaxgpt[eval]')."""
+
+    tasks: tuple[str, ...] = ()
+    """Task names, e.g. ["hellaswag", "lambada_openai"]; empty: none."""
+    limit: int | None = None
+    """Examples per task (all when unset)."""
+    every: int = 0
+    """Run them every this many steps and at the end (0: only at the end)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +94,7 @@ class Config:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 PRESETS_DIR = importlib.resources.files("jaxgpt") / "presets"
@@ -97,6 +122,10 @@ def _check_value(where: str, value, annotation):
                 except ConfigError:
                     pass
         raise ConfigError(f"{where} has the wrong type: {value!r}")
+    if typing.get_origin(annotation) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_check_value(f"{where}[{i}]", v, typing.get_args(annotation)[0]) for i, v in enumerate(value))
     raise ConfigError(f"{where}: unsupported type {annotation}")
 
 
@@ -134,6 +163,8 @@ def _toml_value(v) -> str:
         return repr(v)
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} to TOML")
 
 
