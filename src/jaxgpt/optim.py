@@ -1,22 +1,53 @@
 """The optimizer: global-norm clipping, then AdamW with weight decay on matrices only,
-under linear warmup and cosine decay to `min_lr` (nanoGPT's recipe, built from optax)."""
+under a learning-rate schedule with linear warmup (nanoGPT's recipe is warmup + cosine
+decay to `min_lr`; constant, linear, rsqrt and warmup-stable-decay are the others), all
+built from optax's schedules."""
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from jaxgpt.config import OptimConfig
+from jaxgpt.config import ConfigError, OptimConfig
+
+SCHEDULES = ("constant", "linear", "cosine", "rsqrt", "wsd")
 
 
 def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Linear warmup from 0 to `learning_rate`, cosine down to `min_lr` at `lr_decay_iters`, then flat."""
-    decay_steps = max(cfg.lr_decay_iters, cfg.warmup_iters + 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.learning_rate,
-        warmup_steps=cfg.warmup_iters,
-        decay_steps=decay_steps,
-        end_value=cfg.min_lr,
-    )
+    """Linear warmup from 0 to `learning_rate` over `warmup_iters`, then `cfg.schedule`:
+
+    constant  learning_rate
+    linear    down to min_lr at lr_decay_iters, then flat
+    cosine    half a cosine down to min_lr at lr_decay_iters, then flat (nanoGPT)
+    rsqrt     learning_rate * sqrt(warmup_iters / step)
+    wsd       flat until the last `decay_fraction` of lr_decay_iters, then linear down to min_lr
+    """
+    peak, warmup = cfg.learning_rate, cfg.warmup_iters
+    decay_steps = max(cfg.lr_decay_iters, warmup + 1)
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=decay_steps, end_value=cfg.min_lr
+        )
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, cfg.min_lr, decay_steps - warmup)
+    elif cfg.schedule == "rsqrt":
+        w = max(warmup, 1)
+        after = lambda step: peak * jnp.sqrt(w / jnp.maximum(step + warmup, w))  # noqa: E731 (step counts from warmup)
+    elif cfg.schedule == "wsd":
+        if not 0.0 < cfg.decay_fraction <= 1.0:
+            raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
+        decay_start = decay_steps - round(cfg.decay_fraction * decay_steps)
+        if decay_start < warmup:
+            raise ConfigError(f"optim.decay_fraction {cfg.decay_fraction} starts the decay at step {decay_start}, "
+                              f"inside the {warmup} warmup steps: lower it or raise optim.lr_decay_iters")
+        after = optax.join_schedules(
+            [optax.constant_schedule(peak), optax.linear_schedule(peak, cfg.min_lr, decay_steps - decay_start)],
+            [decay_start - warmup],
+        )
+    else:
+        raise ConfigError(f"unknown optim.schedule {cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
 def decay_mask(params):
