@@ -28,3 +28,5 @@ def tiny_dataset(tmp_path_factory, shakespeare_text):
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")

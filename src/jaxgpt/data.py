@@ -2,8 +2,10 @@
 
 A dataset directory holds `train.bin` and `val.bin` (nanoGPT's format: raw little-endian
 uint16 tokens), or shards `train_000000.bin`, … of `shard_size` tokens, and `meta.json`
-with the tokenizer, the counts and a checksum of every file. Text streams through in
-chunks, so inputs larger than memory work; big inputs are encoded by several processes.
+with the tokenizer, the token and byte counts and a checksum of every file. Text streams
+through in chunks, so inputs larger than memory work; big inputs are encoded by several
+processes. Sources are text files, Hugging Face datasets streamed from the Hub, or local
+parquet/jsonl/arrow files; a sharded prepare that was stopped continues where it stopped.
 """
 
 import concurrent.futures
@@ -11,7 +13,9 @@ import dataclasses
 import functools
 import hashlib
 import importlib.metadata
+import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -93,7 +97,8 @@ def _text_files(path: Path) -> list[Path]:
             raise DataError(f"folder {path} holds no .txt files")
         return files
     if not path.exists():
-        raise DataError(f"{path} does not exist: give 'shakespeare', 'tinyshakespeare', a .txt file or a folder of them")
+        raise DataError(f"{path} does not exist: give 'shakespeare', 'tinyshakespeare', hf:NAME, a .txt file or a "
+                        "folder of them, or parquet, jsonl or arrow files")
     return [path]
 
 
@@ -132,14 +137,123 @@ def _read_chunks(path: Path) -> Iterator[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Documents as an iterator factory (each document an iterator of text chunks) and a name."""
+    """Documents as an iterator factory (each document an iterator of text chunks) and a name.
+
+    A streamed source (a Hugging Face dataset) is read once, so its val split cannot be the
+    last val_fraction of the text: it is every (1/val_fraction)-th document instead."""
 
     name: str
     documents: Callable[[], Iterator[Iterator[str]]]
+    streamed: bool = False
 
 
-def resolve_source(source: str, input_path: str | None = None, cache_dir: Path = Path("data")) -> Source:
-    """`shakespeare` (embedded), `tinyshakespeare` (downloaded, or --input), or a path."""
+# Hub datasets by short name: (repository, config).
+HF_SHORTCUTS = {
+    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
+    "openwebtext": ("Skylion007/openwebtext", None),
+    "tinystories": ("roneneldan/TinyStories", None),
+}
+# Local data files `datasets` reads, by suffix: the builder that reads them.
+DATA_FILES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}
+INPUT_HINT = "pass local files with --input PATH (parquet, jsonl, arrow, or a folder written by Dataset.save_to_disk)"
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("Hugging Face datasets need the datasets package: pip install 'jaxgpt[data]'") from None
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _hub_rows(name: str, config: str | None, split: str) -> Iterator[dict]:
+    """The rows of a Hub dataset, streamed: nothing is downloaded in full."""
+    datasets = _datasets()
+    try:
+        yield from datasets.load_dataset(name, config, split=split, streaming=True)
+    except DataError:
+        raise
+    except Exception as e:  # offline, unknown name or split, a dropped connection: datasets raises many types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot stream {name}{':' + config if config else ''} (split {split}) from the Hugging Face "
+                        f"Hub ({reason}); offline, {INPUT_HINT}") from None
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
+
+
+def _data_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.rglob("*") if p.suffix in DATA_FILES) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"folder {path} holds no parquet, jsonl or arrow files; {INPUT_HINT}")
+    kinds = {DATA_FILES[p.suffix] for p in files}
+    if len(kinds) > 1:
+        raise DataError(f"folder {path} mixes {' and '.join(sorted(kinds))} files: keep one kind per dataset")
+    return files
+
+
+def _local_rows(path: Path, split: str) -> Iterator[dict]:
+    """The rows of local parquet/jsonl/arrow files or of a `save_to_disk` folder, in order."""
+    datasets = _datasets()
+    if _is_saved_dataset(path):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path} has no split {split!r} (it has {', '.join(ds)}): pass --split")
+            ds = ds[split]
+        yield from ds
+        return
+    files = _data_files(path)
+    try:
+        ds = datasets.load_dataset(DATA_FILES[files[0].suffix], data_files=[str(f) for f in files],
+                                   split="train", streaming=True)
+        yield from ds
+    except Exception as e:  # malformed files: pyarrow and datasets raise many types
+        raise DataError(f"cannot read {path} as {DATA_FILES[files[0].suffix]} ({type(e).__name__}: "
+                        f"{str(e).strip()[:200]})") from None
+
+
+def _dataset_source(name: str, rows: Callable[[], Iterator[dict]], text_field: str) -> Source:
+    """A source of one document per row: the row's `text_field` (empty rows are skipped)."""
+
+    def documents():
+        for row in rows():
+            if text_field not in row:
+                raise DataError(f"{name} has no column {text_field!r} (it has {', '.join(row)}): pass --text-field")
+            if row[text_field]:
+                yield iter([row[text_field]])
+
+    return Source(name, documents, streamed=True)
+
+
+def _is_dataset_path(path: Path) -> bool:
+    return path.suffix in DATA_FILES or _is_saved_dataset(path) or (
+        path.is_dir() and any(p.suffix in DATA_FILES for p in path.rglob("*")))
+
+
+def resolve_source(source: str, input_path: str | None = None, cache_dir: Path = Path("data"),
+                   split: str = "train", text_field: str = "text") -> Source:
+    """`shakespeare` (embedded), `tinyshakespeare` (downloaded, or --input), a Hub dataset
+    (`hf:NAME[:CONFIG]` or a shortcut such as `fineweb-edu`; --input reads local files
+    instead), or a path: a .txt file, a folder of them, parquet/jsonl/arrow files or a
+    `save_to_disk` folder."""
+    if source.startswith("hf:") or source in HF_SHORTCUTS:
+        if source in HF_SHORTCUTS:
+            (name, config), short = HF_SHORTCUTS[source], source
+        else:
+            name, _, config = source.removeprefix("hf:").partition(":")
+            config = config or None
+            short = name.split("/")[-1] + (f"-{config}" if config else "")
+        if not name:
+            raise DataError(f"bad source {source!r}: write hf:NAME or hf:NAME:CONFIG, e.g. hf:roneneldan/TinyStories")
+        if input_path is not None:
+            path = Path(input_path)
+            if not path.exists():
+                raise DataError(f"--input {path} does not exist; {INPUT_HINT}")
+            return _dataset_source(short, lambda: _local_rows(path, split), text_field)
+        return _dataset_source(short, lambda: _hub_rows(name, config, split), text_field)
     if source == "shakespeare":
         docs = shakespeare_documents()
         return Source("shakespeare", lambda: (iter([d]) for d in docs))
@@ -154,6 +268,8 @@ def resolve_source(source: str, input_path: str | None = None, cache_dir: Path =
         files = _text_files(path)
         return Source("tinyshakespeare", lambda: (_read_chunks(f) for f in files))
     path = Path(input_path or source)
+    if path.exists() and _is_dataset_path(path):
+        return _dataset_source(path.stem, lambda: _local_rows(path, split), text_field)
     files = _text_files(path)
     return Source(path.stem, lambda: (_read_chunks(f) for f in files))
 
@@ -166,36 +282,66 @@ def _worker_tokenizer(meta_json: str, out_dir: str):
     return tokenizer_lib.tokenizer_from_meta(json.loads(meta_json), Path(out_dir))
 
 
-def _encode_piece(meta_json: str, out_dir: str, piece: tuple[str, str, bool]):
-    split, text, starts_doc = piece
-    ids = np.asarray(_worker_tokenizer(meta_json, out_dir).encode(text), DTYPE)
-    return split, starts_doc, len(text), len(text.encode("utf-8")), ids
+def _encode_batch(meta_json: str, out_dir: str, batch: list[tuple[str, str, bool]]):
+    """[(split, starts_document, utf-8 bytes, ids)] of a batch of pieces."""
+    tok = _worker_tokenizer(meta_json, out_dir)
+    return [(split, starts_doc, len(text.encode("utf-8")), np.asarray(tok.encode(text), DTYPE))
+            for split, text, starts_doc in batch]
 
 
 def _ordered_map(fn, items: Iterator, workers: int) -> Iterator:
-    """fn over items in order, at most 2·workers in flight (bounded memory)."""
+    """(item, fn(item)) over items in order, at most 2·workers in flight (bounded memory)."""
     if workers <= 1:
-        yield from map(fn, items)
+        yield from ((item, fn(item)) for item in items)
         return
     # spawn, not fork: the parent may hold JAX's threads.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = []
         for item in items:
-            pending.append(pool.submit(fn, item))
+            pending.append((item, pool.submit(fn, item)))
             if len(pending) >= 2 * workers:
-                yield pending.pop(0).result()
-        for fut in pending:
-            yield fut.result()
+                item, fut = pending.pop(0)
+                yield item, fut.result()
+        for item, fut in pending:
+            yield item, fut.result()
+
+
+def _batched(pieces: Iterator[tuple[str, str, bool]], chars: int) -> Iterator[list[tuple[str, str, bool]]]:
+    """Consecutive pieces in batches of at least `chars` characters (the last may be smaller):
+    many short documents go to a worker together."""
+    batch, n = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        n += len(piece[1])
+        if n >= chars:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
 
 
 class _SplitWriter:
-    """Appends tokens to one file, or to shards of `shard_size` tokens; records counts and sha256."""
+    """Appends tokens to one file, or to shards of `shard_size` tokens; records counts and sha256.
 
-    def __init__(self, out_dir: Path, split: str, shard_size: int | None):
+    A shard is written as NAME.tmp and renamed when full. `state()` and `saved` let a stopped
+    prepare resume: the complete shards are kept, the open one is cut back to what was saved."""
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int | None, saved: dict | None = None):
         self.out_dir, self.split, self.shard_size = out_dir, split, shard_size
         self.files: list[dict] = []
         self.tokens = self.bytes = 0
+        self.closed = 0  # shards completed since the writer was made
         self._f = None
+        if saved:
+            self._restore(saved)
 
     def _open(self):
         name = f"{self.split}.bin" if self.shard_size is None else f"{self.split}_{len(self.files):06d}.bin"
@@ -209,6 +355,32 @@ class _SplitWriter:
             os.replace(self.out_dir / (entry["name"] + ".tmp"), self.out_dir / entry["name"])
             entry["sha256"] = entry["sha256"].hexdigest()
             self._f = None
+            self.closed += 1
+
+    def state(self) -> dict:
+        done = self.files[:-1] if self._f is not None else self.files
+        open_entry = None
+        if self._f is not None:  # flushed, so that a killed process leaves what the state promises
+            self._f.flush()
+            open_entry = {"name": self.files[-1]["name"], "tokens": self.files[-1]["tokens"]}
+        return {"files": done, "open": open_entry, "tokens": self.tokens, "bytes": self.bytes}
+
+    def _restore(self, saved: dict):
+        """Continues from `saved`: the open shard is its .tmp file (or, when a stop came after it
+        was renamed but before the state was saved, the renamed file) cut back to its saved length."""
+        self.files = [dict(f) for f in saved["files"]]
+        self.tokens, self.bytes = saved["tokens"], saved["bytes"]
+        if saved["open"] is not None:
+            name, tokens = saved["open"]["name"], saved["open"]["tokens"]
+            tmp, final = self.out_dir / (name + ".tmp"), self.out_dir / name
+            if not tmp.exists():
+                os.replace(final, tmp)
+            sha = hashlib.sha256()
+            self._f = open(tmp, "r+b")
+            self._f.truncate(2 * tokens)
+            while block := self._f.read(1 << 24):
+                sha.update(block)
+            self.files.append({"name": name, "tokens": tokens, "sha256": sha})
 
     def write(self, ids: np.ndarray):
         while ids.size:
@@ -232,8 +404,15 @@ class _SplitWriter:
         return {"tokens": self.tokens, "bytes": self.bytes, "files": self.files}
 
 
-def _split_texts(source: Source, total_chars: int, val_fraction: float) -> Iterator[tuple[str, str, bool]]:
-    """(split, text, starts_document) pieces: the last `val_fraction` of the characters is val."""
+def _split_texts(source: Source, total_chars: int | None, val_fraction: float) -> Iterator[tuple[str, str, bool]]:
+    """(split, text, starts_document) pieces. The last `val_fraction` of the characters is val,
+    or, for a streamed source, document i is val when int((i + 1)·f) > int(i·f) (every 1/f-th)."""
+    if source.streamed:
+        for i, doc in enumerate(source.documents()):
+            split = "val" if int((i + 1) * val_fraction) > int(i * val_fraction) else "train"
+            for j, text in enumerate(doc):
+                yield split, text, j == 0
+        return
     boundary = int(total_chars * (1.0 - val_fraction))  # int() as nanoGPT, for the same split
     seen = 0
     for doc in source.documents():
@@ -249,6 +428,39 @@ def _split_texts(source: Source, total_chars: int, val_fraction: float) -> Itera
             first = False
 
 
+STATE_FILE = "prepare_state.json"
+
+
+def _write_json(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def _resume_state(out_dir: Path, settings: dict, log: Callable[[str], None]) -> dict | None:
+    """The saved progress of a stopped prepare with the same settings, if its complete shards
+    are intact; otherwise None (start over)."""
+    path = out_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state["settings"] != settings:
+        log(f"{path} is from a prepare with other settings: starting over")
+        return None
+    for split in state["splits"].values():
+        for f in split["files"]:
+            shard = out_dir / f["name"]
+            if not shard.is_file() or shard.stat().st_size != 2 * f["tokens"] or _sha256_file(shard) != f["sha256"]:
+                log(f"{shard} is missing or damaged: starting over")
+                return None
+        for name in [split["open"]["name"]] if split["open"] else []:
+            kept = [p for p in (out_dir / (name + ".tmp"), out_dir / name) if p.exists()]
+            if not kept or kept[0].stat().st_size < 2 * split["open"]["tokens"]:
+                log(f"the part of {name} written before the stop is missing: starting over")
+                return None
+    return state
+
+
 def prepare(
     source: Source,
     out_dir: Path,
@@ -257,21 +469,27 @@ def prepare(
     shard_size: int | None = None,
     workers: int | None = None,
     progress: Callable[[str], None] = lambda s: None,
+    max_tokens: int | None = None,
+    log: Callable[[str], None] = lambda s: None,
 ) -> dict:
-    """Encodes `source` into `out_dir`; returns the meta.json record."""
+    """Encodes `source` into `out_dir`; returns the meta.json record.
+
+    Sharded output (`shard_size`) is resumable: after each batch that completes a shard the
+    progress is saved, and a prepare run again with the same arguments checks the complete
+    shards' checksums, skips the text they hold and continues, writing the same bytes an
+    uninterrupted run would. `max_tokens` stops after that many tokens (train and val)."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if shard_size is not None and shard_size < 1:
         raise DataError(f"--shard-size must be a positive number of tokens, got {shard_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise DataError(f"--max-tokens must be at least 2 (a train and a val token), got {max_tokens}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)
 
-    # First pass: size and checksum of the source (and the text a tokenizer is fitted on).
-    source_sha, total_chars = hashlib.sha256(), 0
-    for doc in source.documents():
-        for text in doc:
-            source_sha.update(text.encode("utf-8"))
-            total_chars += len(text)
+    # A first pass sizes a text source (its val split is the last val_fraction of it);
+    # streamed sources are read once.
+    total_chars = None if source.streamed else sum(len(t) for doc in source.documents() for t in doc)
     if total_chars == 0:
         raise DataError(f"source '{source.name}' holds no text")
 
@@ -288,41 +506,83 @@ def prepare(
         raise DataError(f"vocabulary of {tok.vocab_size} tokens does not fit in uint16 token files")
     eot = tok.eot_token
     if workers is None:
-        workers = min(os.cpu_count() or 1, 8) if total_chars > 4 * CHUNK_CHARS else 1
+        workers = min(os.cpu_count() or 1, 8) if source.streamed or total_chars > 4 * CHUNK_CHARS else 1
 
-    writers = {s: _SplitWriter(out_dir, s, shard_size) for s in ("train", "val")}
-    encode = functools.partial(_encode_piece, json.dumps(tok_meta), str(out_dir))
-    pieces = _split_texts(source, total_chars, val_fraction)
-    done_chars = 0
-    for split, starts_doc, n_chars, n_bytes, ids in _ordered_map(encode, pieces, workers):
-        w = writers[split]
-        if starts_doc and eot is not None and w.tokens:
-            w.write(np.asarray([eot], DTYPE))  # separators go between documents
-        w.bytes += n_bytes
-        w.write(ids)
-        done_chars += n_chars
-        progress(f"encoded {done_chars / total_chars:6.1%} of {total_chars:,} characters")
+    settings = {"source": source.name, "tokenizer": tok_meta, "val_fraction": val_fraction,
+                "shard_size": shard_size, "max_tokens": max_tokens, "chunk_chars": CHUNK_CHARS}
+    state = _resume_state(out_dir, settings, log) if shard_size is not None else None
+    if state is None:  # what an earlier prepare left would otherwise sit beside the new files
+        for p in out_dir.iterdir():
+            if re.fullmatch(r"(train|val)(_\d{6})?\.bin(\.tmp)?", p.name):
+                p.unlink()
+    writers = {s: _SplitWriter(out_dir, s, shard_size, state and state["splits"][s]) for s in ("train", "val")}
+    encode = functools.partial(_encode_batch, json.dumps(tok_meta), str(out_dir))
+    batches = _batched(_split_texts(source, total_chars, val_fraction), CHUNK_CHARS)
+    source_sha, done_chars, done_batches = hashlib.sha256(), 0, 0
+
+    def account(batch):
+        nonlocal done_chars, done_batches
+        for _, text, _ in batch:
+            source_sha.update(text.encode("utf-8"))
+            done_chars += len(text)
+        done_batches += 1
+
+    if state:
+        log(f"resuming: {sum(len(w.files) for w in writers.values())} shards written, "
+            f"skipping the first {state['batches']} batches of the source")
+        for batch in itertools.islice(batches, state["batches"]):
+            account(batch)
+    room = max_tokens - sum(w.tokens for w in writers.values()) if max_tokens else None
+    for batch, results in _ordered_map(encode, batches, workers):
+        account(batch)
+        for split, starts_doc, n_bytes, ids in results:
+            w = writers[split]
+            sep = int(starts_doc and eot is not None and w.tokens > 0)  # separators go between documents
+            if sep:
+                ids = np.concatenate([np.asarray([eot], DTYPE), ids])
+            if room is not None and ids.size >= room:
+                ids = ids[:room]
+                n_bytes = len(tok.decode_bytes(ids[sep:].tolist()))
+            w.bytes += n_bytes
+            w.write(ids)
+            if room is not None:
+                room -= ids.size
+        if shard_size is not None and any(w.closed for w in writers.values()):
+            _write_json(out_dir / STATE_FILE, {"settings": settings, "batches": done_batches,
+                                               "splits": {s: w.state() for s, w in writers.items()}})
+            for w in writers.values():
+                w.closed = 0
+        if total_chars:
+            progress(f"encoded {done_chars / total_chars:6.1%} of {total_chars:,} characters")
+        else:
+            progress(f"encoded {done_chars:,} characters, {sum(w.tokens for w in writers.values()):,} tokens")
+        if room == 0:
+            break
 
     splits = {s: w.finish() for s, w in writers.items()}
+    if done_chars == 0:
+        raise DataError(f"source '{source.name}' holds no text")
     for s, rec in splits.items():
         if rec["tokens"] == 0:
-            raise DataError(f"the {s} split is empty: the source is too small for --val-fraction {val_fraction}")
+            raise DataError(f"the {s} split is empty: the source is too small for --val-fraction {val_fraction}"
+                            + (f" and --max-tokens {max_tokens}" if max_tokens else ""))
     meta = {
         "format": "jaxgpt-tokens-v1",
         "dtype": "uint16",
         "source": source.name,
         "source_sha256": source_sha.hexdigest(),
-        "source_chars": total_chars,
+        "source_chars": done_chars,
         "val_fraction": val_fraction,
         "shard_size": shard_size,
+        "max_tokens": max_tokens,
         "vocab_size": tok.vocab_size,
         "eot_token": eot,
         "tokenizer": tok_meta,
         "encoding": tok_meta["encoding"],
         "splits": splits,
     }
-    (out_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-    os.replace(out_dir / "meta.json.tmp", out_dir / "meta.json")
+    _write_json(out_dir / "meta.json", meta)
+    (out_dir / STATE_FILE).unlink(missing_ok=True)
     return meta
 
 
@@ -347,8 +607,16 @@ class Dataset:
     def tokenizer(self):
         return tokenizer_lib.tokenizer_from_meta(self.meta["tokenizer"], self.dir)
 
+    def bits_per_byte(self, loss: float, split: str = "val") -> float | None:
+        """Mean loss in nats per token -> bits per UTF-8 byte of the split's text (None when
+        meta.json has no byte count): comparable across tokenizers."""
+        rec = self.meta["splits"][split]
+        return loss / math.log(2) * rec["tokens"] / rec["bytes"] if rec.get("bytes") else None
 
-def open_dataset(data_dir: str | Path) -> Dataset:
+
+def open_dataset(data_dir: str | Path, verify: bool = True) -> Dataset:
+    """Memory-maps every token file of a prepared dataset. `verify` checks each file against
+    its sha256 in meta.json (about 1 GB/s) and names a damaged one."""
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
@@ -368,6 +636,9 @@ def open_dataset(data_dir: str | Path) -> Dataset:
             path = data_dir / f["name"]
             if not path.is_file() or path.stat().st_size != 2 * f["tokens"]:
                 raise DataError(f"token file {path} is missing or truncated: prepare the dataset again")
+            if verify and _sha256_file(path) != f["sha256"]:
+                raise DataError(f"token file {path} does not match its sha256 in meta.json (damaged or changed): "
+                                "prepare the dataset again")
             if f["tokens"]:
                 arrays.append(np.memmap(path, dtype=DTYPE, mode="r"))
         splits[split] = arrays
