@@ -19,3 +19,11 @@ __all__ = [
     "loss_fn",
     "save_hf",
 ]
+
+try:  # lm-evaluation-harness finds --model jaxgpt once jaxgpt is imported (its import waits until used)
+    import lm_eval.models  # the built-in models first: lm-eval loads them only into an empty registry
+    from lm_eval.api.registry import model_registry
+except ImportError:
+    pass
+else:
+    model_registry.register("jaxgpt", target="jaxgpt.lm_eval_model:JaxGPTLM")

@@ -116,17 +116,27 @@ class SampleArgs:
 
 @dataclasses.dataclass
 class EvalArgs:
-    """Mean loss and perplexity over every token of a split (deterministic)."""
+    """Mean loss, perplexity and bits per byte over every token of a split (deterministic);
+    or, with --tasks, lm-evaluation-harness tasks (pip install 'jaxgpt[eval]'), printed as
+    lm-eval's table."""
 
-    out_dir: str
+    out_dir: str | None = None
     """The run directory written by 'jaxgpt train'."""
+    init_from: str | None = None
+    """With --tasks, instead of a run: a Hugging Face GPT-2 directory or Hub name."""
+    tasks: str | None = None
+    """Comma-separated lm-eval tasks, e.g. hellaswag,lambada_openai."""
+    limit: int | None = None
+    """Examples per task (all when unset)."""
+    include_path: str | None = None
+    """A folder of your own lm-eval task YAMLs."""
     split: Literal["train", "val"] = "val"
     data_dir: str | None = None
     """The dataset (default: the one the run was trained on)."""
     batch_size: int | None = None
     checkpoint: Literal["best", "latest"] = "best"
     json: bool = False
-    """Print one JSON object with loss and perplexity."""
+    """Print one JSON object: loss, perplexity and bits per byte, or each task's metrics."""
 
 
 @dataclasses.dataclass
@@ -271,6 +281,10 @@ def cmd_eval(argv: list[str]) -> None:
     from jaxgpt import checkpoint, data, train
 
     args = _parse(EvalArgs, argv, "jaxgpt eval")
+    if args.tasks is not None:
+        return _eval_tasks(args)
+    if args.out_dir is None:
+        raise config_lib.ConfigError("give --out-dir RUN_DIR (or --tasks to run lm-eval tasks, also with --init-from)")
     cfg, params, meta = checkpoint.load_params(args.out_dir, args.checkpoint)
     ds = data.open_dataset(args.data_dir or cfg.data.dir)
     if ds.vocab_size != cfg.model.vocab_size:
@@ -281,12 +295,47 @@ def cmd_eval(argv: list[str]) -> None:
     if args.batch_size is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=args.batch_size))
     result = train.evaluate_split(params, ds, cfg, args.split)
-    result.update(split=args.split, step=meta["step"])
+    result.update(bits_per_byte=ds.bits_per_byte(result["loss"], args.split), split=args.split, step=meta["step"])
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+        bpb = f", {result['bits_per_byte']:.4f} bits per byte" if result["bits_per_byte"] is not None else ""
+        print(f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{bpb} "
               f"over {result['tokens']:,} tokens (checkpoint at step {meta['step']})")
+
+
+def _eval_tasks(args: EvalArgs) -> None:
+    """lm-eval tasks on a run's checkpoint or a Hugging Face GPT-2."""
+    try:
+        from jaxgpt import lm_eval_model
+    except ImportError:
+        raise config_lib.ConfigError("--tasks needs lm-evaluation-harness: pip install 'jaxgpt[eval]'") from None
+    from lm_eval.utils import make_table
+
+    if (args.out_dir is None) == (args.init_from is None):
+        raise config_lib.ConfigError("give either --out-dir RUN_DIR or --init-from HF_DIR")
+    lm = lm_eval_model.JaxGPTLM(args.out_dir or args.init_from, batch_size=args.batch_size or 16,
+                                checkpoint=args.checkpoint)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    out = lm_eval_model.evaluate(lm, tasks, args.limit, args.include_path)
+    if args.json:
+        print(json.dumps(out["results"]))
+    else:
+        print(make_table(out))
+        if out.get("groups"):
+            print(make_table(out, "groups"))
+
+
+def cmd_lm_eval(argv: list[str]) -> None:
+    """lm-eval's own command line (`lm_eval ...`) with the jaxgpt model registered."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        raise config_lib.ConfigError("lm-eval needs lm-evaluation-harness: pip install 'jaxgpt[eval]'") from None
+    import jaxgpt  # noqa: F401 (registers --model jaxgpt)
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
 
 
 def cmd_convert(argv: list[str]) -> None:
@@ -331,14 +380,15 @@ def cmd_plot(argv: list[str]) -> None:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-            "convert": cmd_convert, "info": cmd_info, "plot": cmd_plot}
+            "lm-eval": cmd_lm_eval, "convert": cmd_convert, "info": cmd_info, "plot": cmd_plot}
 
-USAGE = """usage: jaxgpt {prepare,train,sample,eval,convert,info,plot} [--help] ...
+USAGE = """usage: jaxgpt {prepare,train,sample,eval,lm-eval,convert,info,plot} [--help] ...
 
   prepare   text -> token files + meta.json     jaxgpt prepare shakespeare
   train     train a model from a preset/config  jaxgpt train shakespeare-char-cpu
   sample    generate text from a trained run    jaxgpt sample --out-dir out/shakespeare-char-cpu
-  eval      exact loss/perplexity on a split    jaxgpt eval --out-dir out/shakespeare-char-cpu
+  eval      loss/perplexity or lm-eval tasks    jaxgpt eval --out-dir out/shakespeare-char-cpu
+  lm-eval   lm-eval's own command line         jaxgpt lm-eval run --model jaxgpt --model_args pretrained=RUN --tasks hellaswag
   convert   export to Hugging Face GPT-2 layout  jaxgpt convert out/shakespeare-char-cpu hf-dir
   info      params, FLOPs and memory of a config jaxgpt info gpt2-124m
   plot      loss curves of runs as a PNG         jaxgpt plot out/a out/b --out loss.png
@@ -375,7 +425,8 @@ def _is_user_error(e: Exception) -> bool:
 
     user_errors = (config_lib.ConfigError, data.DataError, tokenizer.TokenizerError,
                    checkpoint.CheckpointError, train.TrainError, hf.HFError, plot.PlotError, OSError)
-    return isinstance(e, user_errors)
+    lm_eval_model = sys.modules.get("jaxgpt.lm_eval_model")  # loaded only when lm-eval is used
+    return isinstance(e, user_errors + ((lm_eval_model.EvalError,) if lm_eval_model else ()))
 
 
 if __name__ == "__main__":
