@@ -86,6 +86,8 @@ class EvalConfig:
     """Examples per task (all when unset)."""
     every: int = 0
     """Run them every this many steps and at the end (0: only at the end)."""
+    include_path: str | None = None
+    """A folder of your own lm-eval task YAMLs."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -176,11 +176,11 @@ class JaxGPTLM(TemplateLM):
 
 
 @functools.cache
-def _task_manager(include_path: str | None):
-    """lm-eval's index of its ~15,000 task YAMLs (and yours): built once, it takes seconds."""
+def _task_manager(include_path: str | None, with_lm_evals_tasks: bool):
+    """lm-eval's index of task files, built once: with its own ~15,000 it takes ~10 s."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=with_lm_evals_tasks)
 
 
 def evaluate(lm, tasks: list[str], limit: int | None = None, include_path: str | None = None,
@@ -191,7 +191,9 @@ def evaluate(lm, tasks: list[str], limit: int | None = None, include_path: str |
 
     from lm_eval import simple_evaluate
 
-    manager = _task_manager(include_path)
+    manager = _task_manager(include_path, False) if include_path else None
+    if manager is None or not set(tasks) <= set(manager.all_tasks):
+        manager = _task_manager(include_path, True)
     known = set(manager.all_tasks)
     for name in tasks:
         if name not in known:

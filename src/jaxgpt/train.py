@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from jaxgpt import checkpoint, data, model, optim, runlog
+from jaxgpt import config as config_lib
 from jaxgpt.config import Config
 
 EVAL_STREAM = 1 << 40  # eval batches draw from steps far past any training step
@@ -96,6 +97,81 @@ def _batch(ds, cfg: Config, it: int):
     A, B, T = cfg.train.grad_accum, cfg.data.batch_size, cfg.model.block_size
     xs, ys = zip(*(data.get_batch(ds, "train", B, T, cfg.train.seed, it * A + a) for a in range(A)))
     return np.stack(xs), np.stack(ys)
+
+
+def _layer_groups(tree) -> dict:
+    """A param-shaped tree by layer: wte, wpe, h0, h1, ..., ln_f."""
+    return {"wte": tree["wte"], "wpe": tree["wpe"], **{f"h{i}": b for i, b in enumerate(tree["h"])},
+            "ln_f": tree["ln_f"]}
+
+
+def make_layer_stats(cfg: Config, opt: optax.GradientTransformation):
+    """(params, opt_state, x_ABT, y_ABT, it) -> {LAYER.param_norm, LAYER.grad_norm, LAYER.update_ratio}
+    of iteration `it`'s step (update norm / param norm). It recomputes the step's gradients,
+    so turning it on costs one more step at every log step and nothing otherwise."""
+    base_key = jax.random.key(cfg.train.seed)
+
+    def stats(params, opt_state, x_ABT, y_ABT, it):
+        key, A = jax.random.fold_in(base_key, it), x_ABT.shape[0]
+
+        def micro_grads(i):  # the keys of make_train_step's micro-batches
+            k = key if A == 1 else jax.random.fold_in(key, i)
+            return jax.grad(model.loss_fn)(params, x_ABT[i], y_ABT[i], cfg.model, k if cfg.model.dropout > 0 else None)
+
+        grads = jax.tree.map(lambda *g: sum(g) / A, *(micro_grads(i) for i in range(A)))
+        updates, _ = opt.update(grads, opt_state, params)
+        out, layers = {}, [_layer_groups(t) for t in (params, grads, updates)]
+        for name in layers[0]:
+            p_norm, g_norm, u_norm = (optax.tree.norm(t[name]) for t in layers)
+            out |= {f"{name}.param_norm": p_norm, f"{name}.grad_norm": g_norm, f"{name}.update_ratio": u_norm / p_norm}
+        return out
+
+    return jax.jit(stats)
+
+
+def _step_range(spec: str) -> tuple[int, int]:
+    start, _, end = spec.partition(":")
+    if not (start.isdigit() and end.isdigit() and int(start) < int(end)):
+        raise TrainError(f"--train.profile-steps {spec!r}: give START:END with START < END, e.g. 10:15")
+    return int(start), int(end)
+
+
+@contextlib.contextmanager
+def _profiler(spec: str | None, run_dir: Path, log: Callable[[str], None]):
+    """Yields hook(it, out=None): called before iteration `it` (out None) and after it (out its
+    results), it traces iterations START..END-1 with JAX's profiler into RUN_DIR/profile
+    (TensorBoard's profile plugin reads it; perfetto_trace.json.gz opens in ui.perfetto.dev)."""
+    start, end = _step_range(spec) if spec else (-1, -1)
+    tracing = False
+
+    def hook(it: int, out=None):
+        nonlocal tracing
+        if it == start and out is None:
+            jax.profiler.start_trace(str(run_dir / "profile"), create_perfetto_trace=True)
+            tracing = True
+        elif it == end - 1 and out is not None and tracing:
+            jax.block_until_ready(out)
+            jax.profiler.stop_trace()
+            tracing = False
+            log(f"profile of steps {start}-{end - 1} written to {run_dir}/profile")
+
+    try:
+        yield hook
+    finally:
+        if tracing:
+            jax.profiler.stop_trace()
+
+
+def _lm_eval_metrics(cfg: Config, params, ds: data.Dataset) -> dict[str, float]:
+    """`[eval] tasks` through lm-eval, as {TASK/METRIC: value} (no stderr: bootstrapping is slow)."""
+    try:
+        from jaxgpt import lm_eval_model
+    except ImportError:
+        raise TrainError("[eval] tasks need lm-evaluation-harness: pip install 'jaxgpt[eval]'") from None
+    lm = lm_eval_model.JaxGPTLM(loaded=(cfg.model, params, ds.tokenizer()), batch_size=cfg.data.batch_size)
+    out = lm_eval_model.evaluate(lm, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.include_path, bootstrap_iters=0)
+    return {f"{task}/{metric}": value for task, metrics in out["results"].items() for metric, value in metrics.items()
+            if "," in metric and "_stderr" not in metric}  # METRIC,FILTER keys are the scores
 
 
 def describe(cfg: Config) -> dict:
@@ -235,18 +311,20 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
         params = jax.jit(model.init_params, static_argnums=0)(cfg.model, jax.random.key(tc.seed))
         opt_state = opt.init(params)
     checkpoint.write_run_files(run_dir, cfg, ds.meta)
-    rlog = runlog.RunLog(run_dir, {"dir": str(ds.dir), **ds.meta}, start if resume else None)
+    rlog = runlog.RunLog(run_dir, {"dir": str(ds.dir), **ds.meta}, start if resume else None,
+                         tc.wandb_project, config_lib.to_dict(cfg), log)
     log(f"model: {model.count_params(params):,} parameters "
         f"({model.count_params(params, non_embedding=True):,} without positions), vocab {cfg.model.vocab_size}, "
         f"data {ds.dir} ({ds.tokens('train'):,} train tokens)")
 
     train_step = make_train_step(cfg, opt)
     eval_step = make_eval_step(cfg)
+    layer_stats = make_layer_stats(cfg, opt) if tc.layer_stats else None
     tokens_per_it = tc.grad_accum * cfg.data.batch_size * cfg.model.block_size
     losses: dict[str, float] = {}
     rlog.status = "failed"  # until the loop ends as planned
     x, y = _batch(ds, cfg, start)
-    with _stop_requests(log) as stop, contextlib.closing(rlog):
+    with _stop_requests(log) as stop, contextlib.closing(rlog), _profiler(tc.profile_steps, run_dir, log) as profile:
         t_log, steps_since_log = time.perf_counter(), 0
         for it in range(start, tc.max_iters + 1):
             if stop:
@@ -257,8 +335,10 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                 break
             if (it % tc.eval_interval == 0 or it == tc.max_iters) and not (it == start and evaluated_at_start):
                 losses = estimate_loss(eval_step, params, ds, cfg)
-                rlog.write({"step": it, "train_loss": losses["train"], "val_loss": losses["val"]})
-                log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                bpb = ds.bits_per_byte(losses["val"])
+                rlog.write({"step": it, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb})
+                log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                    + (f" ({bpb:.4f} bits per byte)" if bpb is not None else ""))
                 if it > 0:
                     best_val = min(best_val, losses["val"])
                     meta = {"step": it, "val_loss": losses["val"], "best_val_loss": best_val}
@@ -266,10 +346,18 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                         _save(mngrs["best"], it, meta, params)
                     _save(mngrs["latest"], it, meta, params, opt_state)
                 t_log, steps_since_log = time.perf_counter(), 0
+            if cfg.eval.tasks and it > start and (it == tc.max_iters or (cfg.eval.every and it % cfg.eval.every == 0)):
+                metrics = _lm_eval_metrics(cfg, params, ds)
+                rlog.write({"step": it, **metrics})
+                log(f"step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                t_log, steps_since_log = time.perf_counter(), 0
             if it == tc.max_iters:
                 rlog.status = "finished"
                 break
+            profile(it)
+            stats = layer_stats(params, opt_state, x, y, it) if layer_stats and it % tc.log_interval == 0 else None
             params, opt_state, loss, grad_norm = train_step(params, opt_state, x, y, it)
+            profile(it, loss)
             x, y = _batch(ds, cfg, it + 1)  # prepared while the device computes
             steps_since_log += 1
             if it % tc.log_interval == 0:
@@ -285,6 +373,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                 dt = (time.perf_counter() - t_log) / steps_since_log
                 rec = {"step": it, "loss": float(loss), "lr": float(schedule(it)), "grad_norm": float(grad_norm),
                        "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_it / dt, "skipped_steps": int(skipped)}
+                if stats is not None:
+                    rec |= {k: float(v) for k, v in jax.device_get(stats).items()}
                 rlog.write(rec)
                 log(f"iter {it}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {rec['ms_per_step']:.1f} ms/step, "
                     f"{rec['tokens_per_s']:,.0f} tok/s" + (f", {skipped} steps skipped (non-finite)" if skipped else ""))
