@@ -142,3 +142,55 @@ def loss_fn(params: Params, tokens_BT, targets_BT, cfg: GPTConfig, key=None, mas
         return nll_N.mean()
     mask_N = mask_BT.reshape(-1).astype(nll_N.dtype)
     return (nll_N * mask_N).sum() / jnp.maximum(mask_N.sum(), 1.0)
+
+
+def init_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
+    """An empty KV cache of `length` slots per row. A slot's position is -1 until written."""
+    shape = (cfg.n_layer, batch, length, cfg.n_head, cfg.n_embd // cfg.n_head)
+    return {
+        "k_cache_LBSHK": jnp.zeros(shape, jnp.float32),
+        "v_cache_LBSHK": jnp.zeros(shape, jnp.float32),
+        "pos_BS": jnp.full((batch, length), -1, jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def _block_cached(p: dict, x_ND, positions_BT, cache: dict, layer: int, cfg: GPTConfig):
+    """A block whose attention reads the cache after writing this call's keys and values."""
+    N, D = x_ND.shape
+    (B, T), H = positions_BT.shape, cfg.n_head
+    qkv_N3D = _dense(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x_ND))
+    q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, H, D // H) for a in jnp.split(qkv_N3D, 3, axis=-1))
+    at = (layer, 0, cache["index"], 0, 0)
+    k_LBSHK = jax.lax.dynamic_update_slice(cache["k_cache_LBSHK"], k_BTHK[None], at)
+    v_LBSHK = jax.lax.dynamic_update_slice(cache["v_cache_LBSHK"], v_BTHK[None], at)
+    # A query sees the slots holding positions 0..its own: causal, and blind to padding.
+    kpos_B11S = cache["pos_BS"][:, None, None, :]
+    mask_B1TS = (kpos_B11S >= 0) & (kpos_B11S <= positions_BT[:, None, :, None])
+    y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_LBSHK[layer], v_LBSHK[layer], mask=mask_B1TS)
+    x_ND = x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D))
+    h_NF = jax.nn.gelu(_dense(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x_ND)), approximate=True)
+    x_ND = x_ND + _dense(p["mlp"]["c_proj"], h_NF)
+    return x_ND, cache | {"k_cache_LBSHK": k_LBSHK, "v_cache_LBSHK": v_LBSHK}
+
+
+def hidden_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
+    """`hidden` for tokens written at cache slots [index, index + T): returns ([N, D], cache).
+
+    Each token attends to the cached slots whose positions lie in [0, its own position];
+    position -1 marks padding, which nothing attends to. No dropout: this is for inference.
+    """
+    B, T = tokens_BT.shape
+    cache = cache | {"pos_BS": jax.lax.dynamic_update_slice(cache["pos_BS"], positions_BT, (0, cache["index"]))}
+    pos_BT = jnp.clip(positions_BT, 0, cfg.block_size - 1)
+    x_ND = (params["wte"][tokens_BT] + params["wpe"][pos_BT]).reshape(B * T, -1)
+    for layer, p_block in enumerate(params["h"]):
+        x_ND, cache = _block_cached(p_block, x_ND, positions_BT, cache, layer, cfg)
+    return _layer_norm(params["ln_f"], x_ND), cache | {"index": cache["index"] + T}
+
+
+def forward_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
+    """Logits float32 [B, T, V] and the updated cache; see `hidden_cached`."""
+    B, T = tokens_BT.shape
+    h_ND, cache = hidden_cached(params, tokens_BT, positions_BT, cache, cfg)
+    return (h_ND @ params["wte"].T).reshape(B, T, -1), cache
