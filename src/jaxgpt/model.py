@@ -145,11 +145,14 @@ def loss_fn(params: Params, tokens_BT, targets_BT, cfg: GPTConfig, key=None, mas
 
 
 def init_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
-    """An empty KV cache of `length` slots per row. A slot's position is -1 until written."""
-    shape = (cfg.n_layer, batch, length, cfg.n_head, cfg.n_embd // cfg.n_head)
+    """An empty KV cache of `length` slots per row. A slot's position is -1 until written.
+
+    Keys and values are stored [layer, batch, head, slot, head width] so attention reads
+    each head's slots contiguously, with no transpose of the cache at each step."""
+    shape = (cfg.n_layer, batch, cfg.n_head, length, cfg.n_embd // cfg.n_head)
     return {
-        "k_cache_LBSHK": jnp.zeros(shape, jnp.float32),
-        "v_cache_LBSHK": jnp.zeros(shape, jnp.float32),
+        "k_cache_LBHSK": jnp.zeros(shape, jnp.float32),
+        "v_cache_LBHSK": jnp.zeros(shape, jnp.float32),
         "pos_BS": jnp.full((batch, length), -1, jnp.int32),
         "index": jnp.zeros((), jnp.int32),
     }
@@ -160,18 +163,21 @@ def _block_cached(p: dict, x_ND, positions_BT, cache: dict, layer: int, cfg: GPT
     N, D = x_ND.shape
     (B, T), H = positions_BT.shape, cfg.n_head
     qkv_N3D = _dense(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x_ND))
-    q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, H, D // H) for a in jnp.split(qkv_N3D, 3, axis=-1))
-    at = (layer, 0, cache["index"], 0, 0)
-    k_LBSHK = jax.lax.dynamic_update_slice(cache["k_cache_LBSHK"], k_BTHK[None], at)
-    v_LBSHK = jax.lax.dynamic_update_slice(cache["v_cache_LBSHK"], v_BTHK[None], at)
+    qkv_BHTK = (a.reshape(B, T, H, D // H).transpose(0, 2, 1, 3) for a in jnp.split(qkv_N3D, 3, axis=-1))
+    q_BHTK, k_BHTK, v_BHTK = qkv_BHTK
+    at = (layer, 0, 0, cache["index"], 0)
+    k_LBHSK = jax.lax.dynamic_update_slice(cache["k_cache_LBHSK"], k_BHTK[None], at)
+    v_LBHSK = jax.lax.dynamic_update_slice(cache["v_cache_LBHSK"], v_BHTK[None], at)
+    s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_LBHSK[layer]) / math.sqrt(D // H)
     # A query sees the slots holding positions 0..its own: causal, and blind to padding.
     kpos_B11S = cache["pos_BS"][:, None, None, :]
     mask_B1TS = (kpos_B11S >= 0) & (kpos_B11S <= positions_BT[:, None, :, None])
-    y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_LBSHK[layer], v_LBSHK[layer], mask=mask_B1TS)
+    p_BHTS = jax.nn.softmax(jnp.where(mask_B1TS, s_BHTS, jnp.finfo(s_BHTS.dtype).min), axis=-1)
+    y_BTHK = jnp.einsum("bhts,bhsk->bthk", p_BHTS, v_LBHSK[layer])
     x_ND = x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D))
     h_NF = jax.nn.gelu(_dense(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x_ND)), approximate=True)
     x_ND = x_ND + _dense(p["mlp"]["c_proj"], h_NF)
-    return x_ND, cache | {"k_cache_LBSHK": k_LBSHK, "v_cache_LBSHK": v_LBSHK}
+    return x_ND, cache | {"k_cache_LBHSK": k_LBHSK, "v_cache_LBHSK": v_LBHSK}
 
 
 def hidden_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
