@@ -1,6 +1,7 @@
 """jaxgpt: a readable, fast GPT in pure JAX."""
 
 from jaxgpt.config import Config, GPTConfig
+from jaxgpt.generate import generate
 from jaxgpt.model import abstract_params, count_params, forward, init_params, loss_fn
 from jaxgpt.tokenizer import get_tokenizer
 
@@ -12,6 +13,7 @@ __all__ = [
     "abstract_params",
     "count_params",
     "forward",
+    "generate",
     "get_tokenizer",
     "init_params",
     "loss_fn",
