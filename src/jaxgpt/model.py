@@ -69,7 +69,10 @@ def count_params(params: Params, cfg: GPTConfig | None = None, *, non_embedding:
 
 
 def _dense(p: dict, x_ND: jax.Array) -> jax.Array:
-    y = x_ND @ p["kernel"]
+    if "kernel_T" in p:  # see `transpose_kernels`
+        y = jax.lax.optimization_barrier(p["kernel_T"] @ x_ND.T).T
+    else:
+        y = x_ND @ p["kernel"]
     return y + p["bias"] if "bias" in p else y
 
 
@@ -142,6 +145,22 @@ def loss_fn(params: Params, tokens_BT, targets_BT, cfg: GPTConfig, key=None, mas
         return nll_N.mean()
     mask_N = mask_BT.reshape(-1).astype(nll_N.dtype)
     return (nll_N * mask_N).sum() / jnp.maximum(mask_N.sum(), 1.0)
+
+
+def transpose_kernels(params: Params) -> Params:
+    """The params with every block's kernel stored [out, in] (as `kernel_T`), for decoding
+    a few rows at a time: XLA:CPU multiplies 2-16 rows by a large weight ~1.3x faster with
+    the weight as the left operand (measured on GPT-2 124M at 8 rows). The barrier in
+    `_dense` keeps XLA from folding the transposes back into the original dot."""
+
+    def dense_T(p):
+        return {"kernel_T": p["kernel"].T} | {k: v for k, v in p.items() if k != "kernel"}
+
+    blocks = [
+        b | {part: {name: dense_T(p) for name, p in b[part].items()} for part in ("attn", "mlp")}
+        for b in params["h"]
+    ]
+    return params | {"h": blocks}
 
 
 def init_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
