@@ -167,19 +167,19 @@ def test_stream_text_never_splits_a_utf8_character():
     assert ["".join(p[i] for p in pieces) for i in range(2)] == text
 
 
-def test_forward_cached_equals_forward():
+@pytest.mark.parametrize("transposed", [False, True], ids=["kernel", "kernel_T"])
+def test_forward_cached_equals_forward(transposed):
     cfg, params = GPT2, _params(GPT2)
     tokens_BT = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
     positions_BT = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    expected = jax.jit(model.forward, static_argnums=2)(params, tokens_BT, cfg)
+    if transposed:
+        params = model.transpose_kernels(params)
     forward_cached = jax.jit(model.forward_cached, static_argnums=4)
     cache = model.init_cache(cfg, 2, 16)
     first, cache = forward_cached(params, tokens_BT[:, :7], positions_BT[:, :7], cache, cfg)
     rest, cache = forward_cached(params, tokens_BT[:, 7:], positions_BT[:, 7:], cache, cfg)
-    np.testing.assert_allclose(
-        np.concatenate([first, rest], axis=1), jax.jit(model.forward, static_argnums=2)(params, tokens_BT, cfg),
-        atol=2e-5,
-        rtol=1e-5,
-    )
+    np.testing.assert_allclose(np.concatenate([first, rest], axis=1), expected, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

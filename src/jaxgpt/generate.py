@@ -84,8 +84,12 @@ def _advance(state: dict, logits_BV, sampling: dict, sampler: tuple) -> dict:
 
 
 def _last_logits(params, h_ND, B: int) -> jax.Array:
+    """Logits [B, V] of each row's last position."""
     h_BD = h_ND.reshape(B, -1, h_ND.shape[-1])[:, -1]
-    return h_BD @ params["wte"].T
+    if B == 1:
+        return h_BD @ params["wte"].T
+    # As in model.transpose_kernels: a few rows go ~1.7x faster with the weight on the left.
+    return jax.lax.optimization_barrier(params["wte"] @ h_BD.T).T
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_new", "sampler"))
@@ -137,6 +141,9 @@ def _decode(params, state, until, sampling, cfg: GPTConfig, sampler):
     if S > bs:  # otherwise no row can outgrow block_size
         state = jax.lax.while_loop(running, window_step, state)
     return state
+
+
+_transpose_kernels = jax.jit(model.transpose_kernels)
 
 
 def _check(cfg: GPTConfig, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens):
@@ -195,6 +202,8 @@ def generate_stream(
     }
     sampler = (temperature == 0, top_k is not None, top_p is not None)
     live_B = np.arange(B) < len(prompts)
+    if B > 1:  # copies of the kernels, made once per request and read at every step
+        params = _transpose_kernels(params)
 
     state = _prefill(params, prompt_BP, plen_B, live_B, sampling, cfg, _pow2(max_new_tokens, 16), sampler)
     sent = 0
