@@ -270,11 +270,24 @@ def cmd_sample(argv: list[str]) -> None:
     prompt_ids = tok.encode(_read_prompt(args.prompt))
     if not prompt_ids:
         raise config_lib.ConfigError("--prompt is empty: give at least one character")
-    outs = generate.generate(params, model_cfg, [prompt_ids] * args.num_samples, args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for i, ids in enumerate(outs):
-        print(tok.decode(prompt_ids + ids))
-        print("-" * 40 if i + 1 < len(outs) else "", flush=True)
+    if len(prompt_ids) > model_cfg.block_size:
+        raise config_lib.ConfigError(
+            f"--prompt is {len(prompt_ids)} tokens, longer than the model's context of {model_cfg.block_size}: "
+            "shorten it (generated text slides past the context, the prompt must fit)"
+        )
+    chunks = generate.generate_stream(params, model_cfg, [prompt_ids] * args.num_samples, args.max_new_tokens,
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      seed=args.seed)
+    # The first sample streams as it is generated; the others of the batch follow it.
+    prompt = tok.decode(prompt_ids)
+    rest = [prompt] * (args.num_samples - 1)
+    print(prompt, end="", flush=True)
+    for pieces in generate.stream_text(chunks, tok):
+        print(pieces[0], end="", flush=True)
+        rest = [r + p for r, p in zip(rest, pieces[1:])]
+    for text in rest:
+        print("\n" + "-" * 40 + "\n" + text, end="", flush=True)
+    print()
 
 
 def cmd_eval(argv: list[str]) -> None:
