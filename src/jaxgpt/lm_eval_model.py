@@ -26,9 +26,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from jaxgpt import checkpoint, generate, hf, model
+from jaxgpt import checkpoint, hf, model
 from jaxgpt import tokenizer as tokenizer_lib
 from jaxgpt.config import GPTConfig
+from jaxgpt.generate import generate
 
 
 class EvalError(ValueError):
@@ -165,7 +166,7 @@ class JaxGPTLM(TemplateLM):
             for start in range(0, len(order), self._batch_size):
                 rows = order[start : start + self._batch_size]
                 stops = [self.tok.eot_token] if self.tok.eot_token is not None else None
-                new = generate.generate(self.params, self.cfg, [prompts[i] for i in rows], max_new,
+                new = generate(self.params, self.cfg, [prompts[i] for i in rows], max_new,
                                         stop_tokens=stops, **sampling)
                 for i, ids in zip(rows, new):
                     if stops and ids and ids[-1] in stops:
