@@ -184,13 +184,9 @@ def _task_manager(include_path: str | None, with_lm_evals_tasks: bool):
     return TaskManager(include_path=include_path, include_defaults=with_lm_evals_tasks)
 
 
-def evaluate(lm, tasks: list[str], limit: int | None = None, include_path: str | None = None,
-             bootstrap_iters: int = 100_000, log_samples: bool = False) -> dict:
-    """lm-eval's results of `tasks` for an LM; unknown tasks and data that cannot be loaded
-    (e.g. offline and not cached) are EvalErrors."""
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """The lm-eval TaskManager that knows `tasks`; an unknown name is an EvalError."""
     import difflib
-
-    from lm_eval import simple_evaluate
 
     manager = _task_manager(include_path, False) if include_path else None
     if manager is None or not set(tasks) <= set(manager.all_tasks):
@@ -201,6 +197,16 @@ def evaluate(lm, tasks: list[str], limit: int | None = None, include_path: str |
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"did you mean {close[0]!r}?" if close else "see lm-eval ls tasks"
             raise EvalError(f"unknown lm-eval task {name!r}: {hint}")
+    return manager
+
+
+def evaluate(lm, tasks: list[str], limit: int | None = None, include_path: str | None = None,
+             bootstrap_iters: int = 100_000, log_samples: bool = False) -> dict:
+    """lm-eval's results of `tasks` for an LM; unknown tasks and data that cannot be loaded
+    (e.g. offline and not cached) are EvalErrors."""
+    from lm_eval import simple_evaluate
+
+    manager = task_manager(tasks, include_path)
     try:
         return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
                                bootstrap_iters=bootstrap_iters, log_samples=log_samples)
@@ -208,4 +214,3 @@ def evaluate(lm, tasks: list[str], limit: int | None = None, include_path: str |
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EvalError(f"cannot load the data of {', '.join(tasks)} ({reason}): run once online to fill the "
                         "Hugging Face cache, or check the task's dataset") from None
-

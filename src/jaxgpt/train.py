@@ -162,12 +162,17 @@ def _profiler(spec: str | None, run_dir: Path, log: Callable[[str], None]):
             jax.profiler.stop_trace()
 
 
-def _lm_eval_metrics(cfg: Config, params, ds: data.Dataset) -> dict[str, float]:
-    """`[eval] tasks` through lm-eval, as {TASK/METRIC: value} (no stderr: bootstrapping is slow)."""
+def _lm_eval():
     try:
         from jaxgpt import lm_eval_model
     except ImportError:
         raise TrainError("[eval] tasks need lm-evaluation-harness: pip install 'jaxgpt[eval]'") from None
+    return lm_eval_model
+
+
+def _lm_eval_metrics(cfg: Config, params, ds: data.Dataset) -> dict[str, float]:
+    """`[eval] tasks` through lm-eval, as {TASK/METRIC: value} (no stderr: bootstrapping is slow)."""
+    lm_eval_model = _lm_eval()
     lm = lm_eval_model.JaxGPTLM(loaded=(cfg.model, params, ds.tokenizer()), batch_size=cfg.data.batch_size)
     out = lm_eval_model.evaluate(lm, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.include_path, bootstrap_iters=0)
     return {f"{task}/{metric}": value for task, metrics in out["results"].items() for metric, value in metrics.items()
@@ -288,6 +293,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
 
     opt = optim.make_optimizer(cfg.optim)
     schedule = optim.lr_schedule(cfg.optim)
+    if cfg.eval.tasks:  # a typo fails now, not at the first evaluation
+        _lm_eval().task_manager(list(cfg.eval.tasks), cfg.eval.include_path)
     start, best_val, evaluated_at_start = 0, math.inf, False
     if resume:
         cfg = _check_resumable(run_dir, cfg, ds)
