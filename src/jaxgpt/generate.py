@@ -146,24 +146,28 @@ def _decode(params, state, until, sampling, cfg: GPTConfig, sampler):
 _transpose_kernels = jax.jit(model.transpose_kernels)
 
 
+class GenerateError(ValueError):
+    """A request generate cannot serve: the message names the argument and the fix."""
+
+
 def _check(cfg: GPTConfig, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens):
     if not prompts:
-        raise ValueError("no prompts: pass a list of prompts, each a list of token ids")
+        raise GenerateError("no prompts: pass a list of prompts, each a list of token ids")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty: give it at least one token (e.g. a newline or end-of-text)")
+            raise GenerateError(f"prompt {i} is empty: give it at least one token (e.g. a newline or end-of-text)")
         if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
-            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): encode it with the model's tokenizer")
+            raise GenerateError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): encode it with the model's tokenizer")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens is {max_new_tokens}: ask for at least 1 new token")
+        raise GenerateError(f"max_new_tokens is {max_new_tokens}: ask for at least 1 new token")
     if temperature < 0:
-        raise ValueError(f"temperature is {temperature}: use 0 for greedy decoding or a positive value")
-    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
-        raise ValueError(f"top_k is {top_k}: use an integer from 1 to vocab_size ({cfg.vocab_size}), or None")
+        raise GenerateError(f"temperature is {temperature}: use 0 for greedy decoding or a positive value")
+    if top_k is not None and top_k < 1:
+        raise GenerateError(f"top_k is {top_k}: use a positive integer (larger than the vocabulary keeps all), or None")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p is {top_p}: use a probability in (0, 1], or None")
+        raise GenerateError(f"top_p is {top_p}: use a probability in (0, 1], or None")
     if any(not 0 <= t < cfg.vocab_size for t in stop_tokens):
-        raise ValueError(f"stop_tokens {list(stop_tokens)} include ids outside [0, {cfg.vocab_size})")
+        raise GenerateError(f"stop_tokens {list(stop_tokens)} include ids outside [0, {cfg.vocab_size})")
 
 
 def generate_stream(
@@ -183,6 +187,7 @@ def generate_stream(
     yields empty lists."""
     stop_tokens = list(stop_tokens or [])
     _check(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens)
+    top_k = None if top_k is None else min(top_k, cfg.vocab_size)  # as nanoGPT: k past the vocabulary keeps all
     prompts = [list(p)[-cfg.block_size :] for p in prompts]  # crop as nanoGPT does
     B = _pow2(len(prompts))
     P = min(_pow2(max(map(len, prompts)), 16), cfg.block_size)
