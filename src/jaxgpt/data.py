@@ -167,11 +167,14 @@ def _datasets():
     return datasets
 
 
+ROWS_PER_READ = 1024  # rows come as columns, many at a time: far faster than a dict per row
+
+
 def _hub_rows(name: str, config: str | None, split: str) -> Iterator[dict]:
-    """The rows of a Hub dataset, streamed: nothing is downloaded in full."""
+    """The rows of a Hub dataset in column batches, streamed: nothing is downloaded in full."""
     datasets = _datasets()
     try:
-        yield from datasets.load_dataset(name, config, split=split, streaming=True)
+        yield from datasets.load_dataset(name, config, split=split, streaming=True).iter(ROWS_PER_READ)
     except DataError:
         raise
     except Exception as e:  # offline, unknown name or split, a dropped connection: datasets raises many types
@@ -195,7 +198,8 @@ def _data_files(path: Path) -> list[Path]:
 
 
 def _local_rows(path: Path, split: str) -> Iterator[dict]:
-    """The rows of local parquet/jsonl/arrow files or of a `save_to_disk` folder, in order."""
+    """The rows of local parquet/jsonl/arrow files or of a `save_to_disk` folder, in order, in
+    column batches."""
     datasets = _datasets()
     if _is_saved_dataset(path):
         ds = datasets.load_from_disk(str(path))
@@ -203,13 +207,13 @@ def _local_rows(path: Path, split: str) -> Iterator[dict]:
             if split not in ds:
                 raise DataError(f"{path} has no split {split!r} (it has {', '.join(ds)}): pass --split")
             ds = ds[split]
-        yield from ds
+        yield from ds.iter(ROWS_PER_READ)
         return
     files = _data_files(path)
     try:
         ds = datasets.load_dataset(DATA_FILES[files[0].suffix], data_files=[str(f) for f in files],
                                    split="train", streaming=True)
-        yield from ds
+        yield from ds.iter(ROWS_PER_READ)
     except Exception as e:  # malformed files: pyarrow and datasets raise many types
         raise DataError(f"cannot read {path} as {DATA_FILES[files[0].suffix]} ({type(e).__name__}: "
                         f"{str(e).strip()[:200]})") from None
@@ -219,11 +223,10 @@ def _dataset_source(name: str, rows: Callable[[], Iterator[dict]], text_field: s
     """A source of one document per row: the row's `text_field` (empty rows are skipped)."""
 
     def documents():
-        for row in rows():
-            if text_field not in row:
-                raise DataError(f"{name} has no column {text_field!r} (it has {', '.join(row)}): pass --text-field")
-            if row[text_field]:
-                yield iter([row[text_field]])
+        for columns in rows():
+            if text_field not in columns:
+                raise DataError(f"{name} has no column {text_field!r} (it has {', '.join(columns)}): pass --text-field")
+            yield from (iter([text]) for text in columns[text_field] if text)
 
     return Source(name, documents, streamed=True)
 
@@ -505,8 +508,6 @@ def prepare(
     if tok.vocab_size > np.iinfo(DTYPE).max + 1:
         raise DataError(f"vocabulary of {tok.vocab_size} tokens does not fit in uint16 token files")
     eot = tok.eot_token
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8) if source.streamed or total_chars > 4 * CHUNK_CHARS else 1
 
     settings = {"source": source.name, "tokenizer": tok_meta, "val_fraction": val_fraction,
                 "shard_size": shard_size, "max_tokens": max_tokens, "chunk_chars": CHUNK_CHARS}
@@ -532,6 +533,10 @@ def prepare(
             f"skipping the first {state['batches']} batches of the source")
         for batch in itertools.islice(batches, state["batches"]):
             account(batch)
+    if workers is None:  # several processes only when there is enough text to repay starting them
+        head = list(itertools.islice(batches, 4))
+        workers = min(os.cpu_count() or 1, 8) if len(head) == 4 else 1
+        batches = itertools.chain(head, batches)
     room = max_tokens - sum(w.tokens for w in writers.values()) if max_tokens else None
     for batch, results in _ordered_map(encode, batches, workers):
         account(batch)
