@@ -13,7 +13,7 @@ from typing import Literal
 import tyro
 
 from jaxgpt import config as config_lib
-from jaxgpt.config import Config, DataConfig, GPTConfig, OptimConfig, TrainConfig
+from jaxgpt.config import Config, DataConfig, GPTConfig, MeshConfig, OptimConfig, TrainConfig
 
 Positional = tyro.conf.Positional
 
@@ -61,9 +61,10 @@ class TrainArgs:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def config(self) -> Config:
-        cfg = Config(self.model, self.data, self.optim, self.train)
+        cfg = Config(self.model, self.data, self.optim, self.train, self.mesh)
         if self.data_dir is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=self.data_dir))
         if self.out_dir is not None:
@@ -175,7 +176,8 @@ def cmd_train(argv: list[str]) -> None:
     preset = argv[0] if argv and not argv[0].startswith("-") else TrainArgs.preset
     while True:  # the preset gives the defaults the flags override; parse again if tyro found another
         base = config_lib.load(preset)
-        default = TrainArgs(preset, model=base.model, data=base.data, optim=base.optim, train=base.train)
+        default = TrainArgs(preset, model=base.model, data=base.data, optim=base.optim, train=base.train,
+                            mesh=base.mesh)
         args = _parse(TrainArgs, argv, "jaxgpt train", default=default)
         if args.preset == preset:
             break
