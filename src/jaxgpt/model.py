@@ -3,6 +3,10 @@
 Shapes live in names: B batch, T time, D width, H heads, K head width, F MLP width (4·D),
 V vocab, N = B·T tokens. Matmuls run on 2-D [N, D] activations: XLA:CPU computes
 their gradients far faster than those of 3-D ones (see FACTS.md).
+
+Compute follows the params' dtype: called on params cast to bfloat16 (as training does
+under `compute_dtype`), the matmuls run in bfloat16 while LayerNorm statistics, softmax,
+logits and the loss stay float32.
 """
 
 import math
@@ -74,10 +78,13 @@ def _dense(p: dict, x_ND: jax.Array) -> jax.Array:
 
 
 def _layer_norm(p: dict, x_ND: jax.Array, eps: float = 1e-5) -> jax.Array:
-    mean_N1 = x_ND.mean(-1, keepdims=True)
-    var_N1 = jnp.square(x_ND - mean_N1).mean(-1, keepdims=True)
-    y_ND = (x_ND - mean_N1) * jax.lax.rsqrt(var_N1 + eps) * p["scale"]
-    return y_ND + p["bias"] if "bias" in p else y_ND
+    """LayerNorm in float32, returned in the input's dtype."""
+    x32_ND = x_ND.astype(jnp.float32)
+    mean_N1 = x32_ND.mean(-1, keepdims=True)
+    var_N1 = jnp.square(x32_ND - mean_N1).mean(-1, keepdims=True)
+    y_ND = (x32_ND - mean_N1) * jax.lax.rsqrt(var_N1 + eps) * p["scale"]
+    y_ND = y_ND + p["bias"] if "bias" in p else y_ND
+    return y_ND.astype(x_ND.dtype)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -92,10 +99,10 @@ def _attention(q_BTHK, k_BTHK, v_BTHK, rate: float, key: jax.Array | None) -> ja
     if key is None or rate == 0.0:
         return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)
     T, K = q_BTHK.shape[1], q_BTHK.shape[3]
-    s_BHTT = jnp.einsum("bqhk,bshk->bhqs", q_BTHK, k_BTHK) / math.sqrt(K)
+    s_BHTT = jnp.einsum("bqhk,bshk->bhqs", q_BTHK, k_BTHK, preferred_element_type=jnp.float32) / math.sqrt(K)
     causal_TT = jnp.tril(jnp.ones((T, T), bool))
     s_BHTT = jnp.where(causal_TT, s_BHTT, jnp.finfo(s_BHTT.dtype).min)
-    p_BHTT = _dropout(jax.nn.softmax(s_BHTT, axis=-1), rate, key)
+    p_BHTT = _dropout(jax.nn.softmax(s_BHTT, axis=-1), rate, key).astype(v_BTHK.dtype)
     return jnp.einsum("bhqs,bshk->bqhk", p_BHTT, v_BTHK)
 
 
@@ -111,30 +118,41 @@ def _block(p: dict, x_ND: jax.Array, B: int, cfg: GPTConfig, key: jax.Array | No
     return x_ND + _dropout(_dense(p["mlp"]["c_proj"], h_NF), cfg.dropout, k_resid2)
 
 
-def hidden(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None) -> jax.Array:
-    """Final-LayerNorm hidden states [N, D]. `key` turns dropout on (training)."""
+# Under remat, a block keeps the outputs of its weight matmuls and recomputes the cheap
+# rest (LayerNorm, GELU, attention scores) in the backward pass.
+_block_remat = jax.checkpoint(_block, static_argnums=(2, 3), policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def hidden(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None, *,
+           remat: bool = False) -> jax.Array:
+    """Final-LayerNorm hidden states [N, D]. `key` turns dropout on (training); `remat`
+    recomputes each block's activations in the backward pass instead of storing them."""
     B, T = tokens_BT.shape
     if T > cfg.block_size:
         raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
     x_BTD = params["wte"][tokens_BT] + params["wpe"][:T]
     keys = jax.random.split(key, cfg.n_layer + 1) if key is not None else [None] * (cfg.n_layer + 1)
     x_ND = _dropout(x_BTD.reshape(B * T, -1), cfg.dropout, keys[0])
+    block = _block_remat if remat else _block
     for p_block, k in zip(params["h"], keys[1:]):
-        x_ND = _block(p_block, x_ND, B, cfg, k)
+        x_ND = block(p_block, x_ND, B, cfg, k)
     return _layer_norm(params["ln_f"], x_ND)
 
 
 def forward(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None) -> jax.Array:
     """Logits float32 [B, T, V] for int tokens [B, T]; the output layer is tied to `wte`."""
     B, T = tokens_BT.shape
-    logits_NV = hidden(params, tokens_BT, cfg, key) @ params["wte"].T
-    return logits_NV.reshape(B, T, -1)
+    return _logits(params, hidden(params, tokens_BT, cfg, key)).reshape(B, T, -1)
 
 
-def loss_fn(params: Params, tokens_BT, targets_BT, cfg: GPTConfig, key=None, mask_BT=None) -> jax.Array:
+def _logits(params: Params, h_ND: jax.Array) -> jax.Array:
+    return jnp.matmul(h_ND, params["wte"].T, preferred_element_type=jnp.float32)
+
+
+def loss_fn(params: Params, tokens_BT, targets_BT, cfg: GPTConfig, key=None, mask_BT=None, *,
+            remat: bool = False) -> jax.Array:
     """Mean next-token cross-entropy; `mask_BT` (0/1) leaves positions out of the mean."""
-    B, T = tokens_BT.shape
-    logits_NV = hidden(params, tokens_BT, cfg, key) @ params["wte"].T
+    logits_NV = _logits(params, hidden(params, tokens_BT, cfg, key, remat=remat))
     logz_N = jax.nn.logsumexp(logits_NV, axis=-1)
     target_logit_N = jnp.take_along_axis(logits_NV, targets_BT.reshape(-1, 1), axis=-1)[:, 0]
     nll_N = logz_N - target_logit_N
