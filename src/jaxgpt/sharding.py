@@ -24,7 +24,10 @@ BATCH = ("data", "fsdp")  # the axes a batch's rows are split over
 # Param path (dict keys joined by "/", layer index left out) -> the mesh axis of each dim.
 # Kernels are [in, out]: c_attn and c_fc split their outputs over `tensor` (column
 # parallel), the projections after them split their inputs (row parallel), so each
-# block needs one reduction over `tensor` after attention and one after the MLP. The
+# block needs one reduction over `tensor` after attention and one after the MLP. GPT-2's
+# fused c_attn columns are [q | k | v], so a device's contiguous slice of them is not
+# whole heads: XLA exchanges one [N, D] slice of the activations per layer (a
+# collective-permute, seen in the HLO at tensor=2) to hand each device its heads. The
 # embedding splits its vocabulary over `tensor`. Paths not listed are replicated.
 RULES = {
     "wte": ("tensor", "fsdp"),
