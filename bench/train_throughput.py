@@ -6,7 +6,7 @@
 One jaxgpt step is train.make_train_step (AdamW, clipping, compute dtype, remat, the
 mesh of all devices); one transformers step is forward + backward + torch.optim.AdamW
 on the same token batch. The two alternate in rounds, so the machine's noise hits both.
-MFU counts 6·N + 12·L·T·D FLOPs per token against flops.peak_flops.
+MFU counts model.flops_per_token (6·N + 12·L·T·D) against flops.peak_flops.
 """
 
 import argparse
@@ -79,7 +79,7 @@ def main():
     cfg = config.from_dict(config.to_dict(cfg))  # validates the choices
     dtype = train.compute_dtype(cfg.train.compute_dtype)
     tokens = args.batch * args.seq
-    flops_per_step = flops.flops_per_token(mcfg, model.count_params(model.abstract_params(mcfg), non_embedding=True)) * tokens
+    flops_per_step = model.flops_per_token(mcfg) * tokens
     peak = flops.peak_flops(jax.devices(), dtype)
     print(f"{jax.device_count()} × {jax.devices()[0].device_kind}, compute {jax.numpy.dtype(dtype).name}, "
           f"remat {args.remat}; batch {args.batch} × seq {args.seq}; "

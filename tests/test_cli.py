@@ -75,3 +75,48 @@ def test_unknown_key_in_config_file(capsys, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     r = run("train", "--data-dir", "nowhere", "--debug", cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_bad_datasets_are_named(capsys, tmp_path):
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "meta.json").write_text("{not json")
+    assert "is not a jaxgpt meta.json" in one_line_error(capsys, ["train", "--data-dir", str(garbage)])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "holds no text" in one_line_error(capsys, ["prepare", str(empty), "--out", str(tmp_path / "e")])
+    small = tmp_path / "small.txt"
+    small.write_text("to be or not to be\n" * 3)
+    assert cli.main(["prepare", str(small), "--out", str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+    err = one_line_error(capsys, ["train", "--data-dir", str(tmp_path / "s"), "--out-dir", str(tmp_path / "r")])
+    assert "fewer than block_size + 1" in err
+
+
+def test_info_counts_without_allocating(capsys):
+    assert cli.main(["info", "gpt2-124m"]) == 0
+    out = capsys.readouterr().out
+    biases = 12 * (3 * 768 + 768 + 4 * 768 + 768 + 2 * 768) + 768  # the preset has bias = false
+    n = 124_439_808 - biases  # GPT-2 small's published count
+    assert f"parameters: {n:,} ({n - 1024 * 768:,} without the position table)" in out
+    from jaxgpt import config, model
+
+    cfg = config.load("gpt2-124m").model
+    assert model.flops_per_token(cfg) == 6 * (n - 1024 * 768) + 12 * 12 * 1024 * 768
+    assert f"{model.flops_per_token(cfg):.3e}" in out
+
+
+def test_plot_writes_a_png_of_the_runs(tmp_path, tiny_dataset):
+    import matplotlib.image
+
+    runs = []
+    for name, lr in (("a", "1e-3"), ("b", "3e-3")):
+        args = ["train", "shakespeare-char-cpu", "--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path / name),
+                "--optim.learning-rate", lr, *TINY]
+        assert cli.main(args) == 0
+        runs.append(str(tmp_path / name))
+    out = tmp_path / "loss.png"
+    assert cli.main(["plot", *runs, "--out", str(out)]) == 0
+    image = matplotlib.image.imread(out)
+    assert image.shape[:2] == (450, 1200)
+    assert image[..., :3].std() > 0.05  # lines drawn, not a blank canvas

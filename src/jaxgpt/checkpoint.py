@@ -23,7 +23,12 @@ class CheckpointError(ValueError):
 def _manager(directory: Path, keep: int | None = None, create: bool = False) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory.absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=create,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=create,  # what a killed save left behind
+        ),
     )
 
 
@@ -41,6 +46,12 @@ def save(mngr: ocp.CheckpointManager, step: int, meta: dict, params, opt_state=N
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:
     return mngr.latest_step()
+
+
+def saved_steps(run_dir: Path) -> list[int]:
+    """Steps of the committed checkpoints in a run directory (touches nothing)."""
+    directory = Path(run_dir) / "checkpoints"
+    return list(_manager(directory).all_steps()) if directory.is_dir() else []
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state=None):
@@ -86,5 +97,11 @@ def load_params(run_dir: str | Path, which: str = "best"):
         step = mngr.latest_step()
     if step is None:
         raise CheckpointError(f"no checkpoint in {run_dir}: train with --train.eval-interval smaller than max-iters")
-    params, _, meta = restore(mngr, step, model.abstract_params(cfg.model))
+    try:
+        params, _, meta = restore(mngr, step, model.abstract_params(cfg.model))
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise CheckpointError(
+            f"checkpoint {mngr.directory / str(step)} cannot be read ({type(e).__name__}); it may be damaged: "
+            "try --checkpoint latest or best, or resume training to fall back to an older one"
+        ) from None
     return cfg, params, meta

@@ -55,6 +55,8 @@ class TrainArgs:
     """Shorthand for --train.out-dir."""
     resume: bool = False
     """Continue from the latest checkpoint in the out-dir."""
+    force: bool = False
+    """Start over in an out-dir that already holds a run, deleting its checkpoints."""
     init_from: str | None = None
     """Shorthand for --train.init-from: start from a Hugging Face GPT-2 (directory or Hub name)."""
     model: GPTConfig = GPTConfig()
@@ -126,6 +128,23 @@ class ConvertArgs:
     """Which checkpoint of a run directory."""
 
 
+@dataclasses.dataclass
+class InfoArgs:
+    """Parameters, FLOPs per token and memory per device of a run or a preset, from the
+    compiled training step's abstract shapes: nothing is allocated."""
+
+    target: Positional[str]
+    """A run directory, a preset name or a config .toml."""
+
+
+@dataclasses.dataclass
+class PlotArgs:
+    """Train and val loss of one or more runs against steps and tokens, in one PNG."""
+
+    runs: Positional[list[str]]
+    out: str = "loss.png"
+
+
 def _parse(cls, argv: list[str], prog: str, default=None):
     """tyro's parse, with its boxed error message condensed to one line."""
     err = io.StringIO()
@@ -183,8 +202,10 @@ def cmd_train(argv: list[str]) -> None:
             break
         preset = args.preset
     cfg = config_lib.from_dict(config_lib.to_dict(args.config()))  # re-validates flag values
-    result = train.train(cfg, resume=args.resume)
-    print(f"done: val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}); run in {cfg.train.out_dir}")
+    result = train.train(cfg, resume=args.resume, force=args.force)
+    if result["status"] == "finished":
+        print(f"done: val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}); "
+              f"run in {cfg.train.out_dir}")
 
 
 def _read_prompt(prompt: str) -> str:
@@ -269,16 +290,43 @@ def cmd_convert(argv: list[str]) -> None:
           f"vocabulary {model_cfg.vocab_size}")
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-            "convert": cmd_convert}
+def cmd_info(argv: list[str]) -> None:
+    from jaxgpt import checkpoint, train
 
-USAGE = """usage: jaxgpt {prepare,train,sample,eval,convert} [--help] ...
+    args = _parse(InfoArgs, argv, "jaxgpt info")
+    target = Path(args.target)
+    cfg = checkpoint.run_config(target) if (target / "config.toml").is_file() else config_lib.load(args.target)
+    info = train.describe(cfg)
+    m = cfg.model
+    print(f"model: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, context {m.block_size}, "
+          f"vocabulary {m.vocab_size}")
+    print(f"parameters: {info['params']:,} ({info['params_non_embedding']:,} without the position table)")
+    print(f"FLOPs per token (training, 6N + 12LTD): {info['flops_per_token']:.3e}; "
+          f"per step: {info['flops_per_token'] * info['tokens_per_step']:.3e} ({info['tokens_per_step']:,} tokens)")
+    print("memory per device:")
+    for key in ("params", "opt_state", "activations", "total"):
+        print(f"  {key:12s} {info['bytes'][key] / 2**20:10.1f} MiB")
+
+
+def cmd_plot(argv: list[str]) -> None:
+    from jaxgpt import plot
+
+    args = _parse(PlotArgs, argv, "jaxgpt plot")
+    print(f"wrote {plot.plot_runs(args.runs, args.out)}")
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
+            "convert": cmd_convert, "info": cmd_info, "plot": cmd_plot}
+
+USAGE = """usage: jaxgpt {prepare,train,sample,eval,convert,info,plot} [--help] ...
 
   prepare   text -> token files + meta.json     jaxgpt prepare shakespeare
   train     train a model from a preset/config  jaxgpt train shakespeare-char-cpu
   sample    generate text from a trained run    jaxgpt sample --out-dir out/shakespeare-char-cpu
   eval      exact loss/perplexity on a split    jaxgpt eval --out-dir out/shakespeare-char-cpu
   convert   export to Hugging Face GPT-2 layout  jaxgpt convert out/shakespeare-char-cpu hf-dir
+  info      params, FLOPs and memory of a config jaxgpt info gpt2-124m
+  plot      loss curves of runs as a PNG         jaxgpt plot out/a out/b --out loss.png
 
 Add --debug anywhere to see the full traceback of an error."""
 
@@ -308,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    from jaxgpt import checkpoint, data, hf, tokenizer, train
+    from jaxgpt import checkpoint, data, hf, plot, tokenizer, train
 
     user_errors = (config_lib.ConfigError, data.DataError, tokenizer.TokenizerError,
-                   checkpoint.CheckpointError, train.TrainError, hf.HFError, OSError)
+                   checkpoint.CheckpointError, train.TrainError, hf.HFError, plot.PlotError, OSError)
     return isinstance(e, user_errors)
 
 

@@ -58,6 +58,8 @@ class TrainConfig:
     out_dir: str = "out"
     keep: int = 2
     """How many of the latest checkpoints to keep (the best one is kept apart)."""
+    max_nonfinite: int = 10
+    """Steps with non-finite gradients are skipped; this many in a row stop the run."""
     init_from: str | None = None
     """A Hugging Face GPT-2 to start from instead of random weights: a directory or a Hub name (gpt2, gpt2-xl, ...)."""
     compute_dtype: typing.Literal["auto", "float32", "bfloat16"] = "auto"

@@ -1,16 +1,11 @@
-"""Model FLOPs utilisation: the FLOPs a step needs by formula, over what the devices could do.
-
-Per token, training takes 6·N + 12·L·T·D FLOPs (N params without the position table;
-the second term is attention's scores and weighted sum), as nanoGPT and PaLM count.
-"""
+"""Peak FLOP/s of the devices a run uses, the denominator of MFU (model FLOPs utilisation:
+model.flops_per_token × tokens/s ÷ peak)."""
 
 import functools
 import time
 
 import jax
 import jax.numpy as jnp
-
-from jaxgpt.config import GPTConfig
 
 # Dense peak FLOP/s per chip: (device_kind substring, bfloat16, float32 as XLA runs it by
 # default: TF32 on GPUs, bfloat16 passes on TPUs). The first match wins.
@@ -24,11 +19,6 @@ PEAKS = [
     ("TPU v5", 459e12, 459e12),
     ("TPU v4", 275e12, 275e12),
 ]
-
-
-def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
-    """Training FLOPs per token; `n_params` without the position table."""
-    return 6 * n_params + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 
 def table_peak(device_kind: str, dtype) -> float | None:

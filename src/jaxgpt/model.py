@@ -72,6 +72,13 @@ def count_params(params: Params, cfg: GPTConfig | None = None, *, non_embedding:
     return n - math.prod(params["wpe"].shape) if non_embedding else n
 
 
+def flops_per_token(cfg: GPTConfig) -> float:
+    """Training FLOPs per token, forward and backward: 6·N + 12·L·T·D (nanoGPT's and PaLM's
+    count; N are the parameters without the position table, T the context)."""
+    n = count_params(abstract_params(cfg), non_embedding=True)
+    return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+
 def _dense(p: dict, x_ND: jax.Array) -> jax.Array:
     y = x_ND @ p["kernel"]
     return y + p["bias"] if "bias" in p else y

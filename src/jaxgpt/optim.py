@@ -24,8 +24,13 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+NEVER = 2**31 - 1
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    return optax.chain(
+    """The update rule. A step whose gradients are not finite changes nothing and is counted
+    (`nonfinite_count`); the training loop decides when too many in a row end the run."""
+    inner = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(
             lr_schedule(cfg),
@@ -35,3 +40,9 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
             mask=decay_mask,
         ),
     )
+    return optax.apply_if_finite(inner, max_consecutive_errors=NEVER)
+
+
+def nonfinite_count(opt_state) -> jax.Array:
+    """Steps skipped in a row because their gradients were not finite."""
+    return opt_state.notfinite_count

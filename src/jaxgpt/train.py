@@ -6,9 +6,12 @@ Params, optimizer state and batches are laid out on the device mesh of `[mesh]` 
 sharding.py); in a multi-host run each process loads only its rows of every batch.
 """
 
+import contextlib
 import dataclasses
-import json
 import math
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt import checkpoint, data, flops, model, optim, sharding
+from jaxgpt import checkpoint, data, flops, model, optim, runlog, sharding
 from jaxgpt.config import Config
 
 EVAL_STREAM = 1 << 40  # eval batches draw from steps far past any training step
@@ -143,23 +146,24 @@ def _global_batch(ds, cfg: Config, it: int, batch_sh: NamedSharding):
     return sharding.global_batch(batch_sh, x, shape), sharding.global_batch(batch_sh, y, shape)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    if jax.process_index() > 0:  # one writer in a multi-host run
-        return
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _trim_metrics(path: Path, it: int) -> None:
-    """On resume, drop what a crashed run logged past its last checkpoint."""
-    if not path.exists() or jax.process_index() > 0:
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["step"] < it or (rec["step"] == it and "val_loss" in rec):
-            keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
+def describe(cfg: Config) -> dict:
+    """Parameter count, FLOPs and the bytes one device holds for a training step, from the
+    compiled step's abstract shapes: nothing is allocated."""
+    opt = optim.make_optimizer(cfg.optim)
+    params = model.abstract_params(cfg.model)
+    opt_state = jax.eval_shape(opt.init, params)
+    x = jax.ShapeDtypeStruct((cfg.train.grad_accum, cfg.data.batch_size, cfg.model.block_size), jnp.int32)
+    compiled = make_train_step(cfg, opt).lower(params, opt_state, x, x, 0).compile()
+    nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+    b = {"params": nbytes(params), "opt_state": nbytes(opt_state), "activations": compiled.memory_analysis().temp_size_in_bytes}
+    b["total"] = sum(b.values())
+    return {
+        "params": model.count_params(params),
+        "params_non_embedding": model.count_params(params, non_embedding=True),
+        "flops_per_token": model.flops_per_token(cfg.model),
+        "tokens_per_step": x.shape[0] * x.shape[1] * x.shape[2],
+        "bytes": b,
+    }
 
 
 def with_data_vocab(cfg: Config, ds: data.Dataset) -> Config:
@@ -167,8 +171,77 @@ def with_data_vocab(cfg: Config, ds: data.Dataset) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=ds.vocab_size))
 
 
-def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Trains per `cfg` into `cfg.train.out_dir`; returns the last losses."""
+@contextlib.contextmanager
+def _stop_requests(log: Callable[[str], None]):
+    """SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second
+    SIGINT stops at once. Preemptible cloud machines send SIGTERM."""
+    requested: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.append(signal.Signals(signum).name)
+        log(f"{requested[-1]}: stopping after this step to save a checkpoint (Ctrl-C again to quit at once)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _config_differences(a, b, prefix: str = "model") -> list[str]:
+    return [f"{prefix}.{f.name} {getattr(a, f.name)!r} -> {getattr(b, f.name)!r}"
+            for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def _check_resumable(run_dir: Path, cfg: Config, ds: data.Dataset) -> Config:
+    """The config to resume with: the model must be the run's, and so must the tokenizer."""
+    saved = checkpoint.run_config(run_dir)
+    if cfg.train.init_from:  # the shape came from the checkpoint it started from, as recorded
+        cfg = dataclasses.replace(cfg, model=saved.model)
+    diffs = _config_differences(saved.model, cfg.model)
+    if diffs:
+        raise TrainError(f"{run_dir} holds a run with another model ({', '.join(diffs)}): "
+                         "resume with the run's config.toml, or train into a new --out-dir")
+    if checkpoint.data_meta(run_dir)["tokenizer"] != ds.meta["tokenizer"]:
+        raise TrainError(f"dataset {ds.dir} uses another tokenizer or vocabulary than the run in {run_dir}: "
+                         "pass the --data-dir it was trained on")
+    return cfg
+
+
+def _restore_latest(mngr, run_dir: Path, abstract_params, abstract_opt_state, log):
+    """The newest readable checkpoint; unreadable newer ones are moved to RUN_DIR/corrupt/."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return checkpoint.restore(mngr, step, abstract_params, abstract_opt_state)
+        except Exception as e:  # any failure to read it: fall back to the previous checkpoint
+            (run_dir / "corrupt").mkdir(exist_ok=True)
+            dest = run_dir / "corrupt" / f"checkpoints-{step}"
+            shutil.move(str(run_dir / "checkpoints" / str(step)), str(dest))
+            mngr.reload()
+            log(f"checkpoint {step} cannot be read ({type(e).__name__}: {str(e)[:200]}); moved it to {dest}, "
+                "trying the previous one")
+    raise TrainError(f"--resume: no readable checkpoint in {run_dir}/checkpoints; start a new run")
+
+
+def _save(mngr, it: int, meta: dict, params, opt_state=None) -> None:
+    try:
+        checkpoint.save(mngr, it, meta, params, opt_state)
+    except OSError as e:
+        raise TrainError(f"could not save the checkpoint of step {it} in {mngr.directory}: {e.strerror or e}; "
+                         f"the earlier checkpoints are intact: free space, then continue with --resume") from None
+
+
+def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Trains per `cfg` into `cfg.train.out_dir`; returns the last losses and how the run ended.
+
+    `resume` continues from the newest readable checkpoint; `force` starts over in a run
+    directory that already holds a run (its checkpoints are deleted)."""
     sharding.initialize_distributed()
     if jax.process_index() > 0:
         log = lambda s: None  # noqa: E731 (process 0 speaks for the run)
@@ -178,45 +251,51 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
     cfg = with_data_vocab(cfg, ds)
     tc = cfg.train
     run_dir = Path(tc.out_dir)
-    mngrs = checkpoint.managers(run_dir, tc.keep)
-    last = checkpoint.latest_step(mngrs["latest"])
-    if resume and last is None:
+    steps = checkpoint.saved_steps(run_dir)
+    if resume and not steps:
         raise TrainError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
-    if not resume and last is not None:
-        raise TrainError(f"{run_dir} already holds a run (step {last}): add --resume to continue it, or pick another --out-dir")
+    if not resume and steps:
+        if not force:
+            raise TrainError(f"{run_dir} already holds a run (step {max(steps)}): add --resume to continue it, "
+                             "--force to delete it and start over, or pick another --out-dir")
+        for name in ("checkpoints", "best", "tensorboard", "corrupt"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        log(f"--force: deleted the run in {run_dir}")
+    mngrs = checkpoint.managers(run_dir, tc.keep)  # this also removes what killed saves left
+
     opt = optim.make_optimizer(cfg.optim)
     schedule = optim.lr_schedule(cfg.optim)
-    start, best_val = 0, math.inf
-    metrics_path = run_dir / "metrics.jsonl"
+    start, best_val, evaluated_at_start = 0, math.inf, False
     if resume:
-        if tc.init_from:  # the shape came from the checkpoint started from; the run recorded it
-            cfg = dataclasses.replace(cfg, model=checkpoint.run_config(run_dir).model)
+        cfg = _check_resumable(run_dir, cfg, ds)
         sh = shardings(cfg, opt, mesh)
         abstract = model.abstract_params(cfg.model)
-        params, opt_state, meta = checkpoint.restore(
-            mngrs["latest"], last, sharding.with_shardings(abstract, sh["params"]),
-            sharding.with_shardings(jax.eval_shape(opt.init, abstract), sh["opt_state"]))
+        params, opt_state, meta = _restore_latest(
+            mngrs["latest"], run_dir, sharding.with_shardings(abstract, sh["params"]),
+            sharding.with_shardings(jax.eval_shape(opt.init, abstract), sh["opt_state"]), log)
         start, best_val = meta["step"], meta["best_val_loss"]
-        _trim_metrics(metrics_path, start)
-        log(f"resumed from {run_dir}/checkpoints/{last} (best val loss so far {best_val:.4f})")
-    else:
-        if tc.init_from:
-            from jaxgpt import hf
+        evaluated_at_start = meta["val_loss"] is not None
+        for step in mngrs["best"].all_steps():
+            if step > start:  # saved by the part of the run that is being redone
+                mngrs["best"].delete(step)
+        log(f"resumed from {run_dir}/checkpoints/{start} (best val loss so far {best_val:.4f})")
+    elif tc.init_from:
+        from jaxgpt import hf
 
-            model_cfg, params = hf.init_from(tc.init_from, cfg.model)
-            cfg = dataclasses.replace(cfg, model=model_cfg)
-            sh = shardings(cfg, opt, mesh)
-            params = jax.device_put(params, sh["params"])
-            log(f"initialised from {tc.init_from}")
-        else:
-            sh = shardings(cfg, opt, mesh)
-            init = jax.jit(model.init_params, static_argnums=0, out_shardings=sh["params"])
-            params = init(cfg.model, jax.random.key(tc.seed))
+        model_cfg, params = hf.init_from(tc.init_from, cfg.model)
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        sh = shardings(cfg, opt, mesh)
+        params = jax.device_put(params, sh["params"])
         opt_state = jax.jit(opt.init, out_shardings=sh["opt_state"])(params)
-        if jax.process_index() == 0:
-            metrics_path.unlink(missing_ok=True)
+        log(f"initialised from {tc.init_from}")
+    else:
+        sh = shardings(cfg, opt, mesh)
+        init = jax.jit(model.init_params, static_argnums=0, out_shardings=sh["params"])
+        params = init(cfg.model, jax.random.key(tc.seed))
+        opt_state = jax.jit(opt.init, out_shardings=sh["opt_state"])(params)
     if jax.process_index() == 0:
         checkpoint.write_run_files(run_dir, cfg, ds.meta)
+    rlog = runlog.RunLog(run_dir, {"dir": str(ds.dir), **ds.meta}, start if resume else None)
     log(f"model: {model.count_params(params):,} parameters "
         f"({model.count_params(params, non_embedding=True):,} without positions), vocab {cfg.model.vocab_size}, "
         f"data {ds.dir} ({ds.tokens('train'):,} train tokens)")
@@ -224,35 +303,54 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
     train_step = make_train_step(cfg, opt, mesh)
     eval_step = make_eval_step(cfg, mesh)
     tokens_per_it = tc.grad_accum * cfg.data.batch_size * cfg.model.block_size
-    flops_per_it = flops.flops_per_token(cfg.model, model.count_params(params, non_embedding=True)) * tokens_per_it
+    flops_per_it = model.flops_per_token(cfg.model) * tokens_per_it
     peak = tc.peak_flops or flops.peak_flops(list(mesh.devices.flat), compute_dtype(tc.compute_dtype))
     losses: dict[str, float] = {}
+    rlog.status = "failed"  # until the loop ends as planned
     x, y = _global_batch(ds, cfg, start, sh["batch"])
-    t_log, steps_since_log = time.perf_counter(), 0
-    for it in range(start, tc.max_iters + 1):
-        if (it % tc.eval_interval == 0 or it == tc.max_iters) and not (resume and it == start):
-            losses = estimate_loss(eval_step, params, ds, cfg)
-            _append_jsonl(metrics_path, {"step": it, "train_loss": losses["train"], "val_loss": losses["val"]})
-            log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if it > 0:
-                best_val = min(best_val, losses["val"])
-                meta = {"step": it, "val_loss": losses["val"], "best_val_loss": best_val}
-                checkpoint.save(mngrs["latest"], it, meta, params, opt_state)
-                if losses["val"] == best_val:
-                    checkpoint.save(mngrs["best"], it, meta, params)
-            t_log, steps_since_log = time.perf_counter(), 0
-        if it == tc.max_iters:
-            break
-        params, opt_state, loss, grad_norm = train_step(params, opt_state, x, y, it)
-        x, y = _global_batch(ds, cfg, it + 1, sh["batch"])  # prepared while the device computes
-        steps_since_log += 1
-        if it % tc.log_interval == 0:
-            loss, grad_norm = float(loss), float(grad_norm)
-            dt = (time.perf_counter() - t_log) / steps_since_log
-            rec = {"step": it, "loss": loss, "lr": float(schedule(it)), "grad_norm": grad_norm,
-                   "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_it / dt, "mfu": flops_per_it / dt / peak}
-            _append_jsonl(metrics_path, rec)
-            log(f"iter {it}: loss {loss:.4f}, lr {rec['lr']:.2e}, {rec['ms_per_step']:.1f} ms/step, "
-                f"{rec['tokens_per_s']:,.0f} tok/s, MFU {100 * rec['mfu']:.1f}%")
-            t_log, steps_since_log = time.perf_counter(), 0
-    return {"train_loss": losses.get("train"), "val_loss": losses.get("val"), "best_val_loss": best_val}
+    with _stop_requests(log) as stop, contextlib.closing(rlog):
+        t_log, steps_since_log = time.perf_counter(), 0
+        for it in range(start, tc.max_iters + 1):
+            if stop:
+                meta = {"step": it, "val_loss": None, "best_val_loss": best_val}
+                _save(mngrs["latest"], it, meta, params, opt_state)
+                log(f"stopped at step {it}: checkpoint saved in {run_dir}/checkpoints/{it}; continue with --resume")
+                rlog.status = "stopped"
+                break
+            if (it % tc.eval_interval == 0 or it == tc.max_iters) and not (it == start and evaluated_at_start):
+                losses = estimate_loss(eval_step, params, ds, cfg)
+                rlog.write({"step": it, "train_loss": losses["train"], "val_loss": losses["val"]})
+                log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if it > 0:
+                    best_val = min(best_val, losses["val"])
+                    meta = {"step": it, "val_loss": losses["val"], "best_val_loss": best_val}
+                    if losses["val"] == best_val:  # before `latest`: a resume never lacks the best it recorded
+                        _save(mngrs["best"], it, meta, params)
+                    _save(mngrs["latest"], it, meta, params, opt_state)
+                t_log, steps_since_log = time.perf_counter(), 0
+            if it == tc.max_iters:
+                rlog.status = "finished"
+                break
+            params, opt_state, loss, grad_norm = train_step(params, opt_state, x, y, it)
+            x, y = _global_batch(ds, cfg, it + 1, sh["batch"])  # prepared while the device computes
+            steps_since_log += 1
+            if it % tc.log_interval == 0:
+                loss, grad_norm, in_a_row, skipped = jax.device_get(
+                    (loss, grad_norm, optim.nonfinite_count(opt_state), opt_state.total_notfinite))
+                if in_a_row >= tc.max_nonfinite:
+                    rlog.status = "diverged"
+                    raise TrainError(
+                        f"step {it}: {in_a_row} steps in a row had non-finite gradients and were skipped; "
+                        f"the latest checkpoint ({checkpoint.latest_step(mngrs['latest'])}) is intact: "
+                        "lower --optim.learning-rate or check the data, then --resume"
+                    )
+                dt = (time.perf_counter() - t_log) / steps_since_log
+                rec = {"step": it, "loss": float(loss), "lr": float(schedule(it)), "grad_norm": float(grad_norm),
+                       "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_it / dt, "mfu": flops_per_it / dt / peak,
+                       "skipped_steps": int(skipped)}
+                rlog.write(rec)
+                log(f"iter {it}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {rec['ms_per_step']:.1f} ms/step, "
+                    f"{rec['tokens_per_s']:,.0f} tok/s, MFU {100 * rec['mfu']:.1f}%" + (f", {skipped} steps skipped (non-finite)" if skipped else ""))
+                t_log, steps_since_log = time.perf_counter(), 0
+    return {"train_loss": losses.get("train"), "val_loss": losses.get("val"), "best_val_loss": best_val,
+            "status": rlog.status}
