@@ -1,6 +1,7 @@
 """jaxgpt: a readable, fast GPT in pure JAX."""
 
 from jaxgpt.config import Config, GPTConfig
+from jaxgpt.generate import generate
 from jaxgpt.hf import load_hf, save_hf
 from jaxgpt.model import abstract_params, count_params, forward, init_params, loss_fn
 from jaxgpt.tokenizer import get_tokenizer
@@ -13,6 +14,7 @@ __all__ = [
     "abstract_params",
     "count_params",
     "forward",
+    "generate",
     "get_tokenizer",
     "init_params",
     "load_hf",

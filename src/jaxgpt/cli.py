@@ -78,9 +78,11 @@ class TrainArgs:
 
 @dataclasses.dataclass
 class SampleArgs:
-    """Generate text from a trained run's checkpoint or a Hugging Face GPT-2. Contexts
-    longer than the model's block_size slide: only the last block_size tokens are seen,
-    as in nanoGPT."""
+    """Generate text from a trained run's checkpoint or a Hugging Face GPT-2. The first
+    sample streams to the terminal as it is generated; all samples run as one batch.
+    Contexts longer than block_size slide as in nanoGPT: the model sees only the last
+    block_size tokens, and past that point each new token recomputes the whole window
+    (slower). The prompt itself must fit in block_size."""
 
     out_dir: str | None = None
     """The run directory written by 'jaxgpt train'."""
@@ -238,18 +240,33 @@ def _load_model(out_dir: str | None, init_from: str | None, which: str = "best")
 
 
 def cmd_sample(argv: list[str]) -> None:
-    from jaxgpt import generate
+    from jaxgpt.generate import generate_stream, stream_text
 
     args = _parse(SampleArgs, argv, "jaxgpt sample")
     model_cfg, params, tok = _load_model(args.out_dir, args.init_from, args.checkpoint)
     prompt_ids = tok.encode(_read_prompt(args.prompt))
     if not prompt_ids:
         raise config_lib.ConfigError("--prompt is empty: give at least one character")
-    outs = generate.generate(params, model_cfg, [prompt_ids] * args.num_samples, args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for i, ids in enumerate(outs):
-        print(tok.decode(prompt_ids + ids))
-        print("-" * 40 if i + 1 < len(outs) else "", flush=True)
+    if len(prompt_ids) > model_cfg.block_size:
+        raise config_lib.ConfigError(
+            f"--prompt is {len(prompt_ids)} tokens, longer than the model's context of {model_cfg.block_size}: "
+            "shorten it (generated text slides past the context, the prompt must fit)"
+        )
+    eot = tok.eot_token
+    chunks = generate_stream(params, model_cfg, [prompt_ids] * args.num_samples, args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=args.seed, stop_tokens=None if eot is None else [eot])
+    chunks = ([[t for t in row if t != eot] for row in chunk] for chunk in chunks)  # <|endoftext|> ends a row
+    # The first sample streams as it is generated; the others of the batch follow it.
+    prompt = tok.decode(prompt_ids)
+    rest = [prompt] * (args.num_samples - 1)
+    print(prompt, end="", flush=True)
+    for pieces in stream_text(chunks, tok):
+        print(pieces[0], end="", flush=True)
+        rest = [r + p for r, p in zip(rest, pieces[1:])]
+    for text in rest:
+        print("\n" + "-" * 40 + "\n" + text, end="", flush=True)
+    print()
 
 
 def cmd_eval(argv: list[str]) -> None:
@@ -357,9 +374,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(e: Exception) -> bool:
     from jaxgpt import checkpoint, data, hf, plot, tokenizer, train
+    from jaxgpt.generate import GenerateError
 
-    user_errors = (config_lib.ConfigError, data.DataError, tokenizer.TokenizerError,
-                   checkpoint.CheckpointError, train.TrainError, hf.HFError, plot.PlotError, OSError)
+    user_errors = (config_lib.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError,
+                   train.TrainError, hf.HFError, plot.PlotError, GenerateError, OSError)
     return isinstance(e, user_errors)
 
 

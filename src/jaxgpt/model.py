@@ -80,7 +80,10 @@ def flops_per_token(cfg: GPTConfig) -> float:
 
 
 def _dense(p: dict, x_ND: jax.Array) -> jax.Array:
-    y = x_ND @ p["kernel"]
+    if "kernel_T" in p:  # see `transpose_kernels`
+        y = jax.lax.optimization_barrier(p["kernel_T"] @ x_ND.T).T
+    else:
+        y = x_ND @ p["kernel"]
     return y + p["bias"] if "bias" in p else y
 
 
@@ -167,3 +170,77 @@ def loss_fn(params: Params, tokens_BT, targets_BT, cfg: GPTConfig, key=None, mas
         return nll_N.mean()
     mask_N = mask_BT.reshape(-1).astype(nll_N.dtype)
     return (nll_N * mask_N).sum() / jnp.maximum(mask_N.sum(), 1.0)
+
+
+def transpose_kernels(params: Params) -> Params:
+    """The params with every block's kernel stored [out, in] (as `kernel_T`), for decoding
+    a few rows at a time: XLA:CPU multiplies 2-16 rows by a large weight ~1.3x faster with
+    the weight as the left operand (measured on GPT-2 124M at 8 rows). The barrier in
+    `_dense` keeps XLA from folding the transposes back into the original dot."""
+
+    def dense_T(p):
+        return {"kernel_T": p["kernel"].T} | {k: v for k, v in p.items() if k != "kernel"}
+
+    blocks = [
+        b | {part: {name: dense_T(p) for name, p in b[part].items()} for part in ("attn", "mlp")}
+        for b in params["h"]
+    ]
+    return params | {"h": blocks}
+
+
+def init_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
+    """An empty KV cache of `length` slots per row. A slot's position is -1 until written.
+
+    Keys and values are stored [layer, batch, head, slot, head width] so attention reads
+    each head's slots contiguously, with no transpose of the cache at each step."""
+    shape = (cfg.n_layer, batch, cfg.n_head, length, cfg.n_embd // cfg.n_head)
+    return {
+        "k_cache_LBHSK": jnp.zeros(shape, jnp.float32),
+        "v_cache_LBHSK": jnp.zeros(shape, jnp.float32),
+        "pos_BS": jnp.full((batch, length), -1, jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def _block_cached(p: dict, x_ND, positions_BT, cache: dict, layer: int, cfg: GPTConfig):
+    """A block whose attention reads the cache after writing this call's keys and values."""
+    N, D = x_ND.shape
+    (B, T), H = positions_BT.shape, cfg.n_head
+    qkv_N3D = _dense(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x_ND))
+    qkv_BHTK = (a.reshape(B, T, H, D // H).transpose(0, 2, 1, 3) for a in jnp.split(qkv_N3D, 3, axis=-1))
+    q_BHTK, k_BHTK, v_BHTK = qkv_BHTK
+    at = (layer, 0, 0, cache["index"], 0)
+    k_LBHSK = jax.lax.dynamic_update_slice(cache["k_cache_LBHSK"], k_BHTK[None], at)
+    v_LBHSK = jax.lax.dynamic_update_slice(cache["v_cache_LBHSK"], v_BHTK[None], at)
+    s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_LBHSK[layer]) / math.sqrt(D // H)
+    # A query sees the slots holding positions 0..its own: causal, and blind to padding.
+    kpos_B11S = cache["pos_BS"][:, None, None, :]
+    mask_B1TS = (kpos_B11S >= 0) & (kpos_B11S <= positions_BT[:, None, :, None])
+    p_BHTS = jax.nn.softmax(jnp.where(mask_B1TS, s_BHTS, jnp.finfo(s_BHTS.dtype).min), axis=-1)
+    y_BTHK = jnp.einsum("bhts,bhsk->bthk", p_BHTS, v_LBHSK[layer])
+    x_ND = x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D))
+    h_NF = jax.nn.gelu(_dense(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x_ND)), approximate=True)
+    x_ND = x_ND + _dense(p["mlp"]["c_proj"], h_NF)
+    return x_ND, cache | {"k_cache_LBHSK": k_LBHSK, "v_cache_LBHSK": v_LBHSK}
+
+
+def hidden_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
+    """`hidden` for tokens written at cache slots [index, index + T): returns ([N, D], cache).
+
+    Each token attends to the cached slots whose positions lie in [0, its own position];
+    position -1 marks padding, which nothing attends to. No dropout: this is for inference.
+    """
+    B, T = tokens_BT.shape
+    cache = cache | {"pos_BS": jax.lax.dynamic_update_slice(cache["pos_BS"], positions_BT, (0, cache["index"]))}
+    pos_BT = jnp.clip(positions_BT, 0, cfg.block_size - 1)
+    x_ND = (params["wte"][tokens_BT] + params["wpe"][pos_BT]).reshape(B * T, -1)
+    for layer, p_block in enumerate(params["h"]):
+        x_ND, cache = _block_cached(p_block, x_ND, positions_BT, cache, layer, cfg)
+    return _layer_norm(params["ln_f"], x_ND), cache | {"index": cache["index"] + T}
+
+
+def forward_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
+    """Logits float32 [B, T, V] and the updated cache; see `hidden_cached`."""
+    B, T = tokens_BT.shape
+    h_ND, cache = hidden_cached(params, tokens_BT, positions_BT, cache, cfg)
+    return (h_ND @ params["wte"].T).reshape(B, T, -1), cache
