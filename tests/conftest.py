@@ -3,6 +3,14 @@ from pathlib import Path
 
 import pytest
 
+# Many tests (and the CLI subprocesses they start) compile the same tiny programs: XLA's
+# persistent cache compiles each once. Set before jax is imported, so subprocesses inherit it.
+CACHE = Path(__file__).resolve().parents[1] / ".jax-test-cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -25,6 +33,3 @@ def tiny_dataset(tmp_path_factory, shakespeare_text):
     out = tmp_path_factory.mktemp("data")
     data.prepare(data.resolve_source(str(src)), out)
     return out
-
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -183,9 +183,11 @@ def cmd_prepare(argv: list[str]) -> None:
     source = data.resolve_source(args.source, args.input)
     suffix = "" if args.encoding == "char" else "-" + re.sub(r"[^\w.-]+", "_", args.encoding.split("/")[-1])
     out = Path(args.out or f"data/{source.name}{suffix}")
+    tty = sys.stderr.isatty()
     meta = data.prepare(source, out, args.encoding, args.val_fraction, args.shard_size,
-                        progress=lambda s: print(f"\r{s}", end="", file=sys.stderr, flush=True))
-    print(file=sys.stderr)
+                        progress=lambda s: tty and print(f"\r{s}", end="", file=sys.stderr, flush=True))
+    if tty:
+        print(file=sys.stderr)
     s = meta["splits"]
     print(f"wrote {out}: {meta['encoding']} encoding, vocabulary {meta['vocab_size']}, "
           f"{s['train']['tokens']:,} train and {s['val']['tokens']:,} val tokens")
