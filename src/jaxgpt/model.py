@@ -116,16 +116,24 @@ def _attention(q_BTHK, k_BTHK, v_BTHK, rate: float, key: jax.Array | None) -> ja
     return jnp.einsum("bhqs,bshk->bqhk", p_BHTT, v_BTHK)
 
 
-def _block(p: dict, x_ND: jax.Array, B: int, cfg: GPTConfig, key: jax.Array | None) -> jax.Array:
+def _qkv(p: dict, x_ND: jax.Array, B: int, H: int) -> list[jax.Array]:
+    """The block's queries, keys and values, each [B, T, H, K]."""
     N, D = x_ND.shape
-    T, H = N // B, cfg.n_head
-    k_attn, k_resid1, k_resid2 = jax.random.split(key, 3) if key is not None else (None,) * 3
     qkv_N3D = _dense(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x_ND))
-    q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, H, D // H) for a in jnp.split(qkv_N3D, 3, axis=-1))
-    y_ND = _attention(q_BTHK, k_BTHK, v_BTHK, cfg.dropout, k_attn).reshape(N, D)
-    x_ND = x_ND + _dropout(_dense(p["attn"]["c_proj"], y_ND), cfg.dropout, k_resid1)
+    return [a.reshape(B, N // B, H, D // H) for a in jnp.split(qkv_N3D, 3, axis=-1)]
+
+
+def _mlp_residual(p: dict, x_ND: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     h_NF = jax.nn.gelu(_dense(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x_ND)), approximate=True)
-    return x_ND + _dropout(_dense(p["mlp"]["c_proj"], h_NF), cfg.dropout, k_resid2)
+    return x_ND + _dropout(_dense(p["mlp"]["c_proj"], h_NF), rate, key)
+
+
+def _block(p: dict, x_ND: jax.Array, B: int, cfg: GPTConfig, key: jax.Array | None) -> jax.Array:
+    k_attn, k_resid1, k_resid2 = jax.random.split(key, 3) if key is not None else (None,) * 3
+    q_BTHK, k_BTHK, v_BTHK = _qkv(p, x_ND, B, cfg.n_head)
+    y_ND = _attention(q_BTHK, k_BTHK, v_BTHK, cfg.dropout, k_attn).reshape(x_ND.shape)
+    x_ND = x_ND + _dropout(_dense(p["attn"]["c_proj"], y_ND), cfg.dropout, k_resid1)
+    return _mlp_residual(p, x_ND, cfg.dropout, k_resid2)
 
 
 # Under remat, a block keeps the outputs of its weight matmuls and recomputes the cheap
@@ -205,10 +213,8 @@ def init_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
 def _block_cached(p: dict, x_ND, positions_BT, cache: dict, layer: int, cfg: GPTConfig):
     """A block whose attention reads the cache after writing this call's keys and values."""
     N, D = x_ND.shape
-    (B, T), H = positions_BT.shape, cfg.n_head
-    qkv_N3D = _dense(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x_ND))
-    qkv_BHTK = (a.reshape(B, T, H, D // H).transpose(0, 2, 1, 3) for a in jnp.split(qkv_N3D, 3, axis=-1))
-    q_BHTK, k_BHTK, v_BHTK = qkv_BHTK
+    B, H = positions_BT.shape[0], cfg.n_head
+    q_BHTK, k_BHTK, v_BHTK = (a.transpose(0, 2, 1, 3) for a in _qkv(p, x_ND, B, H))
     at = (layer, 0, 0, cache["index"], 0)
     k_LBHSK = jax.lax.dynamic_update_slice(cache["k_cache_LBHSK"], k_BHTK[None], at)
     v_LBHSK = jax.lax.dynamic_update_slice(cache["v_cache_LBHSK"], v_BHTK[None], at)
@@ -218,9 +224,7 @@ def _block_cached(p: dict, x_ND, positions_BT, cache: dict, layer: int, cfg: GPT
     mask_B1TS = (kpos_B11S >= 0) & (kpos_B11S <= positions_BT[:, None, :, None])
     p_BHTS = jax.nn.softmax(jnp.where(mask_B1TS, s_BHTS, jnp.finfo(s_BHTS.dtype).min), axis=-1)
     y_BTHK = jnp.einsum("bhts,bhsk->bthk", p_BHTS, v_LBHSK[layer])
-    x_ND = x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D))
-    h_NF = jax.nn.gelu(_dense(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x_ND)), approximate=True)
-    x_ND = x_ND + _dense(p["mlp"]["c_proj"], h_NF)
+    x_ND = _mlp_residual(p, x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D)), 0.0, None)
     return x_ND, cache | {"k_cache_LBHSK": k_LBHSK, "v_cache_LBHSK": v_LBHSK}
 
 
