@@ -55,6 +55,7 @@ def one_line_error(capsys, argv) -> str:
 @pytest.mark.parametrize("argv, expected", [
     (["train", "--model.n-layr", "3"], "did you mean --model.n-layer"),
     (["train", "--model.n-layer", "four"], "--model.n-layer"),
+    (["train", "--train.compute-dtype", "fp16"], "Expected one of ('auto', 'float32', 'bfloat16')"),
     (["train", "shakespeare-char-cp"], "did you mean 'shakespeare-char-cpu'"),
     (["train", "--data-dir", "/nonexistent/data"], "jaxgpt prepare"),
     (["sample"], "--out-dir"),

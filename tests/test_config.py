@@ -51,3 +51,12 @@ def test_partial_file_keeps_defaults(tmp_path):
     path.write_text("[train]\nmax_iters = 7\n")
     cfg = config.load(str(path))
     assert cfg == dataclasses.replace(Config(), train=dataclasses.replace(Config().train, max_iters=7))
+
+
+def test_choice_fields_and_mesh_section():
+    cfg = config.loads('[train]\ncompute_dtype = "bfloat16"\nremat = "block"\n[mesh]\nfsdp = 4\ntensor = 2\n')
+    assert (cfg.train.compute_dtype, cfg.train.remat, cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (
+        "bfloat16", "block", -1, 4, 2)
+    assert config.loads(config.dumps(cfg)) == cfg
+    with pytest.raises(ConfigError, match="train.compute_dtype must be one of 'auto', 'float32', 'bfloat16', got 'fp16'"):
+        config.loads('[train]\ncompute_dtype = "fp16"\n')

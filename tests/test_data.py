@@ -123,3 +123,11 @@ def test_several_processes_write_the_same_files(tmp_path, monkeypatch, shakespea
     one = data.prepare(data.resolve_source(str(src)), tmp_path / "one", encoding="gpt2", workers=1)
     two = data.prepare(data.resolve_source(str(src)), tmp_path / "two", encoding="gpt2", workers=2)
     assert one["splits"] == two["splits"]  # token counts and sha256 of every file
+
+
+def test_a_hosts_rows_are_those_rows_of_the_whole_batch(tiny_dataset):
+    ds = data.open_dataset(tiny_dataset)
+    x, y = data.get_batch(ds, "train", 8, 16, seed=3, step=5)
+    xr, yr = data.get_batch(ds, "train", 8, 16, seed=3, step=5, rows=slice(2, 6))
+    np.testing.assert_array_equal(xr, x[2:6])
+    np.testing.assert_array_equal(yr, y[2:6])

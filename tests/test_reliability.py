@@ -35,13 +35,13 @@ DRIVER = textwrap.dedent('''
     n = int(n)
     batch = train._batch
 
-    def hurt_batch(ds, cfg, it):
+    def hurt_batch(ds, cfg, it, *rows):
         if it == n and what == "batch":
             os.kill(os.getpid(), signal.SIGKILL)
         if it == n and what == "signal":
             for sig in sigs:
                 os.kill(os.getpid(), getattr(signal, sig))
-        return batch(ds, cfg, it)
+        return batch(ds, cfg, it, *rows)
 
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 

@@ -13,7 +13,7 @@ from typing import Literal
 import tyro
 
 from jaxgpt import config as config_lib
-from jaxgpt.config import Config, DataConfig, EvalConfig, GPTConfig, OptimConfig, TrainConfig
+from jaxgpt.config import Config, DataConfig, EvalConfig, GPTConfig, MeshConfig, OptimConfig, TrainConfig
 
 Positional = tyro.conf.Positional
 
@@ -77,10 +77,11 @@ class TrainArgs:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
     eval: EvalConfig = EvalConfig()
 
     def config(self) -> Config:
-        cfg = Config(self.model, self.data, self.optim, self.train, self.eval)
+        cfg = Config(self.model, self.data, self.optim, self.train, self.mesh, self.eval)
         if self.data_dir is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=self.data_dir))
         if self.out_dir is not None:
@@ -184,19 +185,31 @@ def _parse(cls, argv: list[str], prog: str, default=None):
 
 
 def _one_line(boxed: str, prog: str) -> str:
-    """The message line of tyro's error panel (its title has no colon), with its suggestion."""
-    lines = [re.sub(r"^[\s│╭╰╮╯─]+|[\s│╭╰╮╯─]+$", "", ln) for ln in boxed.splitlines()]
-    lines = [ln for ln in lines if ln.strip("-") and not ln.startswith(("For full helptext", "usage:", "Argument"))]
-    messages = [i for i, ln in enumerate(lines) if ":" in ln]
-    if not messages:
+    """tyro's error panel as one line: its message (wrapped lines joined) and its suggestion."""
+    paragraphs, current = [], []
+    for raw in boxed.splitlines():
+        if raw.lstrip().startswith(("╭", "╰")):  # the panel's frame and title
+            continue
+        line = re.sub(r"^[\s│]+|[\s│]+$", "", raw)
+        if line.strip("─-"):
+            current.append(line)
+        elif current:
+            paragraphs.append(current)
+            current = []
+    paragraphs += [current] if current else []
+    paragraphs = [p for p in paragraphs if not p[0].startswith(("For full helptext", "usage:", "Argument"))]
+    if paragraphs and len(paragraphs[0]) == 1 and ":" not in paragraphs[0][0] and len(paragraphs) > 1:
+        paragraphs = paragraphs[1:]  # a title printed without a frame
+    if not paragraphs:
         return f"invalid arguments: see {prog} --help"
-    i = messages[0]
-    msg = lines[i].rstrip(".")
-    if msg.endswith(":") and i + 1 < len(lines):  # "Missing from jaxgpt eval:" + the flag on the next line
-        msg = f"{msg} {lines[i + 1].split()[0]}"
-    if "Perhaps you meant:" in lines:
-        guess = lines[lines.index("Perhaps you meant:") + 1].split()[0]
-        msg += f" (did you mean {guess}?)"
+    first = paragraphs[0]
+    if first[0].endswith(":") and len(first) > 1:  # "Missing from jaxgpt eval:" + the flag below it
+        msg = f"{first[0]} {first[1].split()[0]}"
+    else:
+        msg = " ".join(first).rstrip(".")
+    for p in paragraphs[1:]:
+        if p[0] == "Perhaps you meant:" and len(p) > 1:
+            msg += f" (did you mean {p[1].split()[0]}?)"
     return f"{msg}; see {prog} --help"
 
 
@@ -225,7 +238,7 @@ def cmd_train(argv: list[str]) -> None:
     while True:  # the preset gives the defaults the flags override; parse again if tyro found another
         base = config_lib.load(preset)
         default = TrainArgs(preset, model=base.model, data=base.data, optim=base.optim, train=base.train,
-                            eval=base.eval)
+                            mesh=base.mesh, eval=base.eval)
         args = _parse(TrainArgs, argv, "jaxgpt train", default=default)
         if args.preset == preset:
             break

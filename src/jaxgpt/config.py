@@ -45,7 +45,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    schedule: str = "cosine"
+    schedule: typing.Literal["constant", "linear", "cosine", "rsqrt", "wsd"] = "cosine"
     """Learning rate after the linear warmup: constant, linear (to min_lr at lr_decay_iters), cosine
     (to min_lr at lr_decay_iters), rsqrt (learning_rate * sqrt(warmup_iters / step)) or wsd
     (warmup-stable-decay: flat, then linear to min_lr over the last decay_fraction of lr_decay_iters)."""
@@ -68,12 +68,31 @@ class TrainConfig:
     """Steps with non-finite gradients are skipped; this many in a row stop the run."""
     init_from: str | None = None
     """A Hugging Face GPT-2 to start from instead of random weights: a directory or a Hub name (gpt2, gpt2-xl, ...)."""
+    compute_dtype: typing.Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the matmuls (params stay float32; LayerNorm statistics, softmax and loss run in
+    float32). auto: bfloat16 on GPU/TPU, float32 on CPU."""
+    remat: typing.Literal["none", "block"] = "none"
+    """block: recompute each block's activations (all but its matmul outputs) in the backward pass, to fit bigger batches."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of all devices in use, for MFU (default: a table of GPUs/TPUs, or a matmul measured at start)."""
     layer_stats: bool = False
     """At log steps, also log each layer's parameter norm, gradient norm and update/parameter ratio."""
     profile_steps: str | None = None
     """START:END: write a JAX profiler trace (with a Perfetto file) of those steps to RUN_DIR/profile."""
     wandb_project: str | None = None
     """Also log metrics to this Weights & Biases project (pip install 'jaxgpt[wandb]'; offline without network)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: data × fsdp × tensor must equal the device count; -1 fills one axis.
+
+    data: batch split, params replicated. fsdp: batch split, params and optimizer state
+    sharded. tensor: attention heads and MLP hidden units split (Megatron)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +115,7 @@ class Config:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
     eval: EvalConfig = EvalConfig()
 
 
@@ -114,6 +134,11 @@ def _check_value(where: str, value, annotation):
         if type(value) is annotation:
             return value
         raise ConfigError(f"{where} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    if typing.get_origin(annotation) is typing.Literal:
+        if value in typing.get_args(annotation):
+            return value
+        choices = ", ".join(repr(a) for a in typing.get_args(annotation))
+        raise ConfigError(f"{where} must be one of {choices}, got {value!r}")
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
             if option is type(None) and value is None:

@@ -653,11 +653,13 @@ def open_dataset(data_dir: str | Path, verify: bool = True) -> Dataset:
 SPLIT_IDS = {"train": 0, "val": 1}
 
 
-def get_batch(ds: Dataset, split: str, batch_size: int, block_size: int, seed: int, step: int):
+def get_batch(ds: Dataset, split: str, batch_size: int, block_size: int, seed: int, step: int,
+              rows: slice = slice(None)):
     """Random windows (x, y = x shifted by one) as int32 [B, T], a pure function of (seed, split, step).
 
     A resumed run therefore draws exactly the batches an uninterrupted one would. Each row
     picks a file with probability proportional to its number of windows, then an offset.
+    `rows` reads only those rows of the batch (one host's share in a multi-host run).
     """
     arrays = ds.splits[split]
     windows = np.array([a.size - block_size for a in arrays], np.int64)
@@ -670,8 +672,7 @@ def get_batch(ds: Dataset, split: str, batch_size: int, block_size: int, seed: i
     rng = np.random.default_rng([seed, SPLIT_IDS.get(split, 2), step])
     file_B = rng.choice(len(arrays), size=batch_size, p=windows / windows.sum())
     start_B = (rng.random(batch_size) * windows[file_B]).astype(np.int64)
-    rows = [np.asarray(arrays[f][s : s + block_size + 1], np.int32) for f, s in zip(file_B, start_B)]
-    xy = np.stack(rows)
+    xy = np.stack([np.asarray(arrays[f][s : s + block_size + 1], np.int32) for f, s in zip(file_B[rows], start_B[rows])])
     return xy[:, :-1], xy[:, 1:]
 
 

@@ -3,6 +3,10 @@
 Shapes live in names: B batch, T time, D width, H heads, K head width, F MLP width (4·D),
 V vocab, N = B·T tokens. Matmuls run on 2-D [N, D] activations: XLA:CPU computes
 their gradients far faster than those of 3-D ones (see FACTS.md).
+
+Compute follows the params' dtype: called on params cast to bfloat16 (as training does
+under `compute_dtype`), the matmuls run in bfloat16 while LayerNorm statistics, softmax,
+logits and the loss stay float32.
 """
 
 import math
@@ -84,10 +88,13 @@ def _dense(p: dict, x_ND: jax.Array) -> jax.Array:
 
 
 def _layer_norm(p: dict, x_ND: jax.Array, eps: float = 1e-5) -> jax.Array:
-    mean_N1 = x_ND.mean(-1, keepdims=True)
-    var_N1 = jnp.square(x_ND - mean_N1).mean(-1, keepdims=True)
-    y_ND = (x_ND - mean_N1) * jax.lax.rsqrt(var_N1 + eps) * p["scale"]
-    return y_ND + p["bias"] if "bias" in p else y_ND
+    """LayerNorm in float32, returned in the input's dtype."""
+    x32_ND = x_ND.astype(jnp.float32)
+    mean_N1 = x32_ND.mean(-1, keepdims=True)
+    var_N1 = jnp.square(x32_ND - mean_N1).mean(-1, keepdims=True)
+    y_ND = (x32_ND - mean_N1) * jax.lax.rsqrt(var_N1 + eps) * p["scale"]
+    y_ND = y_ND + p["bias"] if "bias" in p else y_ND
+    return y_ND.astype(x_ND.dtype)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -102,49 +109,68 @@ def _attention(q_BTHK, k_BTHK, v_BTHK, rate: float, key: jax.Array | None) -> ja
     if key is None or rate == 0.0:
         return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)
     T, K = q_BTHK.shape[1], q_BTHK.shape[3]
-    s_BHTT = jnp.einsum("bqhk,bshk->bhqs", q_BTHK, k_BTHK) / math.sqrt(K)
+    s_BHTT = jnp.einsum("bqhk,bshk->bhqs", q_BTHK, k_BTHK, preferred_element_type=jnp.float32) / math.sqrt(K)
     causal_TT = jnp.tril(jnp.ones((T, T), bool))
     s_BHTT = jnp.where(causal_TT, s_BHTT, jnp.finfo(s_BHTT.dtype).min)
-    p_BHTT = _dropout(jax.nn.softmax(s_BHTT, axis=-1), rate, key)
+    p_BHTT = _dropout(jax.nn.softmax(s_BHTT, axis=-1), rate, key).astype(v_BTHK.dtype)
     return jnp.einsum("bhqs,bshk->bqhk", p_BHTT, v_BTHK)
 
 
-def _block(p: dict, x_ND: jax.Array, B: int, cfg: GPTConfig, key: jax.Array | None) -> jax.Array:
+def _qkv(p: dict, x_ND: jax.Array, B: int, H: int) -> list[jax.Array]:
+    """The block's queries, keys and values, each [B, T, H, K]."""
     N, D = x_ND.shape
-    T, H = N // B, cfg.n_head
-    k_attn, k_resid1, k_resid2 = jax.random.split(key, 3) if key is not None else (None,) * 3
     qkv_N3D = _dense(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x_ND))
-    q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, H, D // H) for a in jnp.split(qkv_N3D, 3, axis=-1))
-    y_ND = _attention(q_BTHK, k_BTHK, v_BTHK, cfg.dropout, k_attn).reshape(N, D)
-    x_ND = x_ND + _dropout(_dense(p["attn"]["c_proj"], y_ND), cfg.dropout, k_resid1)
+    return [a.reshape(B, N // B, H, D // H) for a in jnp.split(qkv_N3D, 3, axis=-1)]
+
+
+def _mlp_residual(p: dict, x_ND: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     h_NF = jax.nn.gelu(_dense(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x_ND)), approximate=True)
-    return x_ND + _dropout(_dense(p["mlp"]["c_proj"], h_NF), cfg.dropout, k_resid2)
+    return x_ND + _dropout(_dense(p["mlp"]["c_proj"], h_NF), rate, key)
 
 
-def hidden(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None) -> jax.Array:
-    """Final-LayerNorm hidden states [N, D]. `key` turns dropout on (training)."""
+def _block(p: dict, x_ND: jax.Array, B: int, cfg: GPTConfig, key: jax.Array | None) -> jax.Array:
+    k_attn, k_resid1, k_resid2 = jax.random.split(key, 3) if key is not None else (None,) * 3
+    q_BTHK, k_BTHK, v_BTHK = _qkv(p, x_ND, B, cfg.n_head)
+    y_ND = _attention(q_BTHK, k_BTHK, v_BTHK, cfg.dropout, k_attn).reshape(x_ND.shape)
+    x_ND = x_ND + _dropout(_dense(p["attn"]["c_proj"], y_ND), cfg.dropout, k_resid1)
+    return _mlp_residual(p, x_ND, cfg.dropout, k_resid2)
+
+
+# Under remat, a block keeps the outputs of its weight matmuls and recomputes the cheap
+# rest (LayerNorm, GELU, attention scores) in the backward pass.
+_block_remat = jax.checkpoint(_block, static_argnums=(2, 3), policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def hidden(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None, *,
+           remat: bool = False) -> jax.Array:
+    """Final-LayerNorm hidden states [N, D]. `key` turns dropout on (training); `remat`
+    recomputes each block's activations in the backward pass instead of storing them."""
     B, T = tokens_BT.shape
     if T > cfg.block_size:
         raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
     x_BTD = params["wte"][tokens_BT] + params["wpe"][:T]
     keys = jax.random.split(key, cfg.n_layer + 1) if key is not None else [None] * (cfg.n_layer + 1)
     x_ND = _dropout(x_BTD.reshape(B * T, -1), cfg.dropout, keys[0])
+    block = _block_remat if remat else _block
     for p_block, k in zip(params["h"], keys[1:]):
-        x_ND = _block(p_block, x_ND, B, cfg, k)
+        x_ND = block(p_block, x_ND, B, cfg, k)
     return _layer_norm(params["ln_f"], x_ND)
 
 
 def forward(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None) -> jax.Array:
     """Logits float32 [B, T, V] for int tokens [B, T]; the output layer is tied to `wte`."""
     B, T = tokens_BT.shape
-    logits_NV = hidden(params, tokens_BT, cfg, key) @ params["wte"].T
-    return logits_NV.reshape(B, T, -1)
+    return _logits(params, hidden(params, tokens_BT, cfg, key)).reshape(B, T, -1)
 
 
-def loss_fn(params: Params, tokens_BT, targets_BT, cfg: GPTConfig, key=None, mask_BT=None) -> jax.Array:
+def _logits(params: Params, h_ND: jax.Array) -> jax.Array:
+    return jnp.matmul(h_ND, params["wte"].T, preferred_element_type=jnp.float32)
+
+
+def loss_fn(params: Params, tokens_BT, targets_BT, cfg: GPTConfig, key=None, mask_BT=None, *,
+            remat: bool = False) -> jax.Array:
     """Mean next-token cross-entropy; `mask_BT` (0/1) leaves positions out of the mean."""
-    B, T = tokens_BT.shape
-    logits_NV = hidden(params, tokens_BT, cfg, key) @ params["wte"].T
+    logits_NV = _logits(params, hidden(params, tokens_BT, cfg, key, remat=remat))
     logz_N = jax.nn.logsumexp(logits_NV, axis=-1)
     target_logit_N = jnp.take_along_axis(logits_NV, targets_BT.reshape(-1, 1), axis=-1)[:, 0]
     nll_N = logz_N - target_logit_N
@@ -187,10 +213,8 @@ def init_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
 def _block_cached(p: dict, x_ND, positions_BT, cache: dict, layer: int, cfg: GPTConfig):
     """A block whose attention reads the cache after writing this call's keys and values."""
     N, D = x_ND.shape
-    (B, T), H = positions_BT.shape, cfg.n_head
-    qkv_N3D = _dense(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x_ND))
-    qkv_BHTK = (a.reshape(B, T, H, D // H).transpose(0, 2, 1, 3) for a in jnp.split(qkv_N3D, 3, axis=-1))
-    q_BHTK, k_BHTK, v_BHTK = qkv_BHTK
+    B, H = positions_BT.shape[0], cfg.n_head
+    q_BHTK, k_BHTK, v_BHTK = (a.transpose(0, 2, 1, 3) for a in _qkv(p, x_ND, B, H))
     at = (layer, 0, 0, cache["index"], 0)
     k_LBHSK = jax.lax.dynamic_update_slice(cache["k_cache_LBHSK"], k_BHTK[None], at)
     v_LBHSK = jax.lax.dynamic_update_slice(cache["v_cache_LBHSK"], v_BHTK[None], at)
@@ -200,9 +224,7 @@ def _block_cached(p: dict, x_ND, positions_BT, cache: dict, layer: int, cfg: GPT
     mask_B1TS = (kpos_B11S >= 0) & (kpos_B11S <= positions_BT[:, None, :, None])
     p_BHTS = jax.nn.softmax(jnp.where(mask_B1TS, s_BHTS, jnp.finfo(s_BHTS.dtype).min), axis=-1)
     y_BTHK = jnp.einsum("bhts,bhsk->bthk", p_BHTS, v_LBHSK[layer])
-    x_ND = x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D))
-    h_NF = jax.nn.gelu(_dense(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x_ND)), approximate=True)
-    x_ND = x_ND + _dense(p["mlp"]["c_proj"], h_NF)
+    x_ND = _mlp_residual(p, x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D)), 0.0, None)
     return x_ND, cache | {"k_cache_LBHSK": k_LBHSK, "v_cache_LBHSK": v_LBHSK}
 
 

@@ -65,15 +65,17 @@ def _wandb_run(project: str, run_dir: Path, run_id: str, config: dict, log: Call
 
 class RunLog:
     """Appends metric records to metrics.jsonl, TensorBoard and (with `wandb_project`) Weights &
-    Biases; keeps run.json up to date."""
+    Biases; keeps run.json up to date. In a multi-host run only process 0 writes."""
 
     def __init__(self, run_dir: Path, data_meta: dict, resumed_at: int | None, wandb_project: str | None = None,
                  config: dict | None = None, log: Callable[[str], None] = print):
+        self.writes = jax.process_index() == 0
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.info_path = run_dir / "run.json"
         if resumed_at is None:
-            self.metrics_path.unlink(missing_ok=True)
+            if self.writes:
+                self.metrics_path.unlink(missing_ok=True)
             info = {"started": _now(), "resumes": []}
         else:
             self._trim(resumed_at)
@@ -93,7 +95,7 @@ class RunLog:
             finished=None,
         )
         self._wandb = None
-        if wandb_project:
+        if wandb_project and self.writes:
             info.setdefault("wandb_id", uuid.uuid4().hex[:8])  # a resumed run continues the same W&B run
             self._wandb = _wandb_run(wandb_project, run_dir, info["wandb_id"], config or {}, log)
         self.info = info
@@ -104,7 +106,7 @@ class RunLog:
 
     def _trim(self, step: int) -> None:
         """Drops what a stopped run logged past the checkpoint it resumes from."""
-        if not self.metrics_path.exists():
+        if not self.metrics_path.exists() or not self.writes:
             return
         keep = []
         for line in self.metrics_path.read_text().splitlines():
@@ -114,11 +116,15 @@ class RunLog:
         self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
     def _write_info(self) -> None:
+        if not self.writes:
+            return
         tmp = self.info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.info, indent=1))
         tmp.replace(self.info_path)
 
     def write(self, record: dict) -> None:
+        if not self.writes:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is None:

@@ -2,6 +2,8 @@
 
 Iteration `it` trains on batch (seed, it) with dropout key (seed, it), so a run resumed
 from the checkpoint taken at `it` continues exactly as the uninterrupted run would have.
+Params, optimizer state and batches are laid out on the device mesh of `[mesh]` (see
+sharding.py); in a multi-host run each process loads only its rows of every batch.
 """
 
 import contextlib
@@ -18,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxgpt import checkpoint, data, model, optim, runlog
+from jaxgpt import checkpoint, data, flops, model, optim, runlog, sharding
 from jaxgpt import config as config_lib
 from jaxgpt.config import Config
 
@@ -30,13 +34,35 @@ class TrainError(ValueError):
     """A run that cannot start as asked (e.g. resuming with no checkpoint)."""
 
 
-def make_train_step(cfg: Config, opt: optax.GradientTransformation):
-    """(params, opt_state, x_ABT, y_ABT, it) -> (params, opt_state, loss, grad_norm); A micro-batches."""
-    mcfg = cfg.model
+def compute_dtype(name: str):
+    """The matmul dtype of config.train.compute_dtype; auto is bfloat16 on accelerators."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def shardings(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh) -> dict:
+    """NamedShardings of params, optimizer state, [A, B, T] train batches and scalars on `mesh`."""
+    abstract = model.abstract_params(cfg.model)
+    params = sharding.param_shardings(mesh, abstract)
+    return {"params": params, "opt_state": sharding.opt_state_shardings(mesh, opt, params, abstract),
+            "batch": sharding.batch_sharding(mesh, 3, axis=1), "scalar": NamedSharding(mesh, P())}
+
+
+def make_train_step(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh | None = None):
+    """(params, opt_state, x_ABT, y_ABT, it) -> (params, opt_state, loss, grad_norm); A micro-batches.
+
+    Jitted with the shardings of `mesh` (default: cfg.mesh over all devices); the matmuls
+    run in cfg.train.compute_dtype on a cast of the float32 params."""
+    mcfg, dtype, remat = cfg.model, compute_dtype(cfg.train.compute_dtype), cfg.train.remat == "block"
     base_key = jax.random.key(cfg.train.seed)
 
+    def micro_loss(params, x_BT, y_BT, key):
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+        return model.loss_fn(params, x_BT, y_BT, mcfg, key if mcfg.dropout > 0 else None, remat=remat)
+
     def micro_grads(params, x_BT, y_BT, key):
-        return jax.value_and_grad(model.loss_fn)(params, x_BT, y_BT, mcfg, key if mcfg.dropout > 0 else None)
+        return jax.value_and_grad(micro_loss)(params, x_BT, y_BT, key)
 
     def step(params, opt_state, x_ABT, y_ABT, it):
         key = jax.random.fold_in(base_key, it)
@@ -54,17 +80,32 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation):
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    sh = shardings(cfg, opt, mesh or sharding.make_mesh(cfg.mesh))
+    return jax.jit(step, in_shardings=(sh["params"], sh["opt_state"], sh["batch"], sh["batch"], sh["scalar"]),
+                   out_shardings=(sh["params"], sh["opt_state"], sh["scalar"], sh["scalar"]), donate_argnums=(0, 1))
 
 
-def make_eval_step(cfg: Config):
-    """(params, x_BT, y_BT, mask_BT) -> (summed loss, token count), for exact means over a split."""
+def make_eval_step(cfg: Config, mesh: Mesh | None = None):
+    """(params, x_BT, y_BT, mask_BT) -> (summed loss, token count), for exact means over a split.
+
+    Takes whole numpy batches; each process sends only its rows to its devices."""
+    dtype = compute_dtype(cfg.train.compute_dtype)
+    mesh = mesh or sharding.make_mesh(cfg.mesh)
+    params_sh = sharding.param_shardings(mesh, model.abstract_params(cfg.model))
+    batch_sh = sharding.batch_sharding(mesh)
 
     def step(params, x_BT, y_BT, mask_BT):
         n = mask_BT.sum()
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
         return model.loss_fn(params, x_BT, y_BT, cfg.model, mask_BT=mask_BT) * n, n
 
-    return jax.jit(step)
+    jitted = jax.jit(step, in_shardings=(params_sh, batch_sh, batch_sh, batch_sh), out_shardings=NamedSharding(mesh, P()))
+
+    def eval_step(params, x_BT, y_BT, mask_BT):
+        rows = sharding.process_rows(batch_sh, x_BT.shape)
+        return jitted(params, *(sharding.global_batch(batch_sh, a[rows], a.shape) for a in (x_BT, y_BT, mask_BT)))
+
+    return eval_step
 
 
 def estimate_loss(eval_step, params, ds: data.Dataset, cfg: Config) -> dict[str, float]:
@@ -92,11 +133,18 @@ def evaluate_split(params, ds: data.Dataset, cfg: Config, split: str = "val") ->
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
 
 
-def _batch(ds, cfg: Config, it: int):
-    """The micro-batches of iteration `it`, stacked to [A, B, T]."""
+def _batch(ds, cfg: Config, it: int, rows: slice = slice(None)):
+    """The micro-batches of iteration `it` (only `rows` of each), stacked to [A, B, T]."""
     A, B, T = cfg.train.grad_accum, cfg.data.batch_size, cfg.model.block_size
-    xs, ys = zip(*(data.get_batch(ds, "train", B, T, cfg.train.seed, it * A + a) for a in range(A)))
+    xs, ys = zip(*(data.get_batch(ds, "train", B, T, cfg.train.seed, it * A + a, rows) for a in range(A)))
     return np.stack(xs), np.stack(ys)
+
+
+def _global_batch(ds, cfg: Config, it: int, batch_sh: NamedSharding):
+    """Iteration `it`'s batch as global arrays, from the rows this process's devices hold."""
+    shape = (cfg.train.grad_accum, cfg.data.batch_size, cfg.model.block_size)
+    x, y = _batch(ds, cfg, it, sharding.process_rows(batch_sh, shape, axis=1))
+    return sharding.global_batch(batch_sh, x, shape), sharding.global_batch(batch_sh, y, shape)
 
 
 def _layer_groups(tree) -> dict:
@@ -275,6 +323,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
 
     `resume` continues from the newest readable checkpoint; `force` starts over in a run
     directory that already holds a run (its checkpoints are deleted)."""
+    sharding.initialize_distributed()
+    if jax.process_index() > 0:
+        log = lambda s: None  # noqa: E731 (process 0 speaks for the run)
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch(mesh, cfg.data.batch_size)
     ds = data.open_dataset(cfg.data.dir)
     cfg = with_data_vocab(cfg, ds)
     tc = cfg.train
@@ -298,9 +351,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
     start, best_val, evaluated_at_start = 0, math.inf, False
     if resume:
         cfg = _check_resumable(run_dir, cfg, ds)
+        sh = shardings(cfg, opt, mesh)
         abstract = model.abstract_params(cfg.model)
-        params, opt_state, meta = _restore_latest(mngrs["latest"], run_dir, abstract,
-                                                  jax.eval_shape(opt.init, abstract), log)
+        params, opt_state, meta = _restore_latest(
+            mngrs["latest"], run_dir, sharding.with_shardings(abstract, sh["params"]),
+            sharding.with_shardings(jax.eval_shape(opt.init, abstract), sh["opt_state"]), log)
         start, best_val = meta["step"], meta["best_val_loss"]
         evaluated_at_start = meta["val_loss"] is not None
         for step in mngrs["best"].all_steps():
@@ -312,25 +367,32 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
 
         model_cfg, params = hf.init_from(tc.init_from, cfg.model)
         cfg = dataclasses.replace(cfg, model=model_cfg)
-        opt_state = opt.init(params)
+        sh = shardings(cfg, opt, mesh)
+        params = jax.device_put(params, sh["params"])
+        opt_state = jax.jit(opt.init, out_shardings=sh["opt_state"])(params)
         log(f"initialised from {tc.init_from}")
     else:
-        params = jax.jit(model.init_params, static_argnums=0)(cfg.model, jax.random.key(tc.seed))
-        opt_state = opt.init(params)
-    checkpoint.write_run_files(run_dir, cfg, ds.meta)
+        sh = shardings(cfg, opt, mesh)
+        init = jax.jit(model.init_params, static_argnums=0, out_shardings=sh["params"])
+        params = init(cfg.model, jax.random.key(tc.seed))
+        opt_state = jax.jit(opt.init, out_shardings=sh["opt_state"])(params)
+    if jax.process_index() == 0:
+        checkpoint.write_run_files(run_dir, cfg, ds.meta)
     rlog = runlog.RunLog(run_dir, {"dir": str(ds.dir), **ds.meta}, start if resume else None,
                          tc.wandb_project, config_lib.to_dict(cfg), log)
     log(f"model: {model.count_params(params):,} parameters "
         f"({model.count_params(params, non_embedding=True):,} without positions), vocab {cfg.model.vocab_size}, "
         f"data {ds.dir} ({ds.tokens('train'):,} train tokens)")
 
-    train_step = make_train_step(cfg, opt)
-    eval_step = make_eval_step(cfg)
+    train_step = make_train_step(cfg, opt, mesh)
+    eval_step = make_eval_step(cfg, mesh)
     layer_stats = make_layer_stats(cfg, opt) if tc.layer_stats else None
     tokens_per_it = tc.grad_accum * cfg.data.batch_size * cfg.model.block_size
+    flops_per_it = model.flops_per_token(cfg.model) * tokens_per_it
+    peak = tc.peak_flops or flops.peak_flops(list(mesh.devices.flat), compute_dtype(tc.compute_dtype))
     losses: dict[str, float] = {}
     rlog.status = "failed"  # until the loop ends as planned
-    x, y = _batch(ds, cfg, start)
+    x, y = _global_batch(ds, cfg, start, sh["batch"])
     with _stop_requests(log) as stop, contextlib.closing(rlog), _profiler(tc.profile_steps, run_dir, log) as profile:
         t_log, steps_since_log = time.perf_counter(), 0
         for it in range(start, tc.max_iters + 1):
@@ -365,7 +427,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
             stats = layer_stats(params, opt_state, x, y, it) if layer_stats and it % tc.log_interval == 0 else None
             params, opt_state, loss, grad_norm = train_step(params, opt_state, x, y, it)
             profile(it, loss)
-            x, y = _batch(ds, cfg, it + 1)  # prepared while the device computes
+            x, y = _global_batch(ds, cfg, it + 1, sh["batch"])  # prepared while the device computes
             steps_since_log += 1
             if it % tc.log_interval == 0:
                 loss, grad_norm, in_a_row, skipped = jax.device_get(
@@ -379,12 +441,13 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                     )
                 dt = (time.perf_counter() - t_log) / steps_since_log
                 rec = {"step": it, "loss": float(loss), "lr": float(schedule(it)), "grad_norm": float(grad_norm),
-                       "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_it / dt, "skipped_steps": int(skipped)}
+                       "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_it / dt, "mfu": flops_per_it / dt / peak,
+                       "skipped_steps": int(skipped)}
                 if stats is not None:
                     rec |= {k: float(v) for k, v in jax.device_get(stats).items()}
                 rlog.write(rec)
                 log(f"iter {it}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {rec['ms_per_step']:.1f} ms/step, "
-                    f"{rec['tokens_per_s']:,.0f} tok/s" + (f", {skipped} steps skipped (non-finite)" if skipped else ""))
+                    f"{rec['tokens_per_s']:,.0f} tok/s, MFU {100 * rec['mfu']:.1f}%" + (f", {skipped} steps skipped (non-finite)" if skipped else ""))
                 t_log, steps_since_log = time.perf_counter(), 0
     return {"train_loss": losses.get("train"), "val_loss": losses.get("val"), "best_val_loss": best_val,
             "status": rlog.status}
