@@ -31,7 +31,7 @@ def side_by_side(cfg, ds, rounds: int, steps: int) -> tuple[list[float], list[fl
     import torch_gpt
 
     torch.manual_seed(0)
-    torch_step = torch_gpt.make_step(cfg)
+    torch_step, _ = torch_gpt.make_step(cfg)
     opt = optim.make_optimizer(cfg.optim)
     params = jax.jit(train.model.init_params, static_argnums=0)(cfg.model, jax.random.key(0))
     opt_state = opt.init(params)
@@ -53,11 +53,32 @@ def side_by_side(cfg, ds, rounds: int, steps: int) -> tuple[list[float], list[fl
     return jax_ms, torch_ms
 
 
+def torch_train(cfg, ds, seed: int) -> float:
+    """Val loss of the same model trained in PyTorch on jaxgpt's batches and lr schedule."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch_gpt
+
+    torch.manual_seed(seed)
+    step, evaluate = torch_gpt.make_step(cfg)
+    schedule = optim.lr_schedule(cfg.optim)
+    for it in range(cfg.train.max_iters):
+        x, y = train._batch(ds, cfg, it)
+        step(x[0], y[0], float(schedule(it)))
+    B, T = cfg.data.batch_size, cfg.model.block_size
+    losses = [evaluate(*data.get_batch(ds, "val", B, T, cfg.train.seed, train.EVAL_STREAM + i))
+              for i in range(cfg.train.eval_iters)]
+    return float(np.mean(losses))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=8, help="alternating blocks in the side-by-side timing")
     ap.add_argument("--skip-train", action="store_true", help="only the side-by-side timing")
+    ap.add_argument("--torch-seeds", type=int, default=0,
+                    help="also train the PyTorch model this many times on the same batches and schedule")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="jaxgpt-bench-"))
@@ -89,6 +110,9 @@ def main():
           f"batches, as nanoGPT reports), exact val loss {exact['loss']:.4f} over the whole split; "
           f"median {np.median(ms):.1f} ms/iter (p10 {np.percentile(ms, 10):.1f}, p90 {np.percentile(ms, 90):.1f}); "
           f"wall {wall:.0f} s")
+    for seed in range(args.torch_seeds):
+        print(f"PyTorch eager, same batches and schedule, torch seed {seed}: val loss {torch_train(cfg, ds, seed):.4f} "
+              f"(estimate over the same {cfg.train.eval_iters} batches)")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def make_step(cfg):
         lr=cfg.optim.learning_rate, betas=(cfg.optim.beta1, cfg.optim.beta2),
     )
 
-    def step(x, y):
+    def step(x, y, lr=cfg.optim.learning_rate):
+        for group in opt.param_groups:
+            group["lr"] = lr
         loss = net(torch.from_numpy(x).long(), torch.from_numpy(y).long())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
@@ -63,4 +65,8 @@ def make_step(cfg):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step
+    @torch.no_grad()
+    def evaluate(x, y):
+        return net(torch.from_numpy(x).long(), torch.from_numpy(y).long()).item()
+
+    return step, evaluate
