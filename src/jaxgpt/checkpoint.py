@@ -44,10 +44,6 @@ def save(mngr: ocp.CheckpointManager, step: int, meta: dict, params, opt_state=N
     mngr.wait_until_finished()
 
 
-def latest_step(mngr: ocp.CheckpointManager) -> int | None:
-    return mngr.latest_step()
-
-
 def saved_steps(run_dir: Path) -> list[int]:
     """Steps of the committed checkpoints in a run directory (touches nothing)."""
     directory = Path(run_dir) / "checkpoints"

@@ -8,12 +8,12 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
 from jaxgpt import config as config_lib
-from jaxgpt.config import Config, DataConfig, EvalConfig, GPTConfig, MeshConfig, OptimConfig, TrainConfig
+from jaxgpt.config import Config
 
 Positional = tyro.conf.Positional
 
@@ -73,15 +73,11 @@ class TrainArgs:
     """Start over in an out-dir that already holds a run, deleting its checkpoints."""
     init_from: str | None = None
     """Shorthand for --train.init-from: start from a Hugging Face GPT-2 (directory or Hub name)."""
-    model: GPTConfig = GPTConfig()
-    data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
-    mesh: MeshConfig = MeshConfig()
-    eval: EvalConfig = EvalConfig()
+    config: Annotated[Config, tyro.conf.arg(name="")] = Config()
+    """The sections, as flags without a prefix: --model.n-layer, --train.max-iters, ..."""
 
-    def config(self) -> Config:
-        cfg = Config(self.model, self.data, self.optim, self.train, self.mesh, self.eval)
+    def resolved(self) -> Config:
+        cfg = self.config
         if self.data_dir is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=self.data_dir))
         if self.out_dir is not None:
@@ -236,14 +232,11 @@ def cmd_train(argv: list[str]) -> None:
 
     preset = argv[0] if argv and not argv[0].startswith("-") else TrainArgs.preset
     while True:  # the preset gives the defaults the flags override; parse again if tyro found another
-        base = config_lib.load(preset)
-        default = TrainArgs(preset, model=base.model, data=base.data, optim=base.optim, train=base.train,
-                            mesh=base.mesh, eval=base.eval)
-        args = _parse(TrainArgs, argv, "jaxgpt train", default=default)
+        args = _parse(TrainArgs, argv, "jaxgpt train", default=TrainArgs(preset, config=config_lib.load(preset)))
         if args.preset == preset:
             break
         preset = args.preset
-    cfg = config_lib.from_dict(config_lib.to_dict(args.config()))  # re-validates flag values
+    cfg = config_lib.from_dict(config_lib.to_dict(args.resolved()))  # re-validates flag values
     result = train.train(cfg, resume=args.resume, force=args.force)
     if result["status"] == "finished":
         print(f"done: val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}); "

@@ -436,7 +436,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                     rlog.status = "diverged"
                     raise TrainError(
                         f"step {it}: {in_a_row} steps in a row had non-finite gradients and were skipped; "
-                        f"the latest checkpoint ({checkpoint.latest_step(mngrs['latest'])}) is intact: "
+                        f"the latest checkpoint ({mngrs['latest'].latest_step()}) is intact: "
                         "lower --optim.learning-rate or check the data, then --resume"
                     )
                 dt = (time.perf_counter() - t_log) / steps_since_log
