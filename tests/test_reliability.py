@@ -12,7 +12,6 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from jaxgpt import checkpoint, cli, model, optim, train

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import config, model, train
+from jaxgpt import model, train
 from jaxgpt.config import Config, ConfigError, DataConfig, GPTConfig, MeshConfig, OptimConfig, TrainConfig
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.1)
