@@ -199,33 +199,34 @@ def transpose_kernels(params: Params) -> Params:
 def init_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
     """An empty KV cache of `length` slots per row. A slot's position is -1 until written.
 
-    Keys and values are stored [layer, batch, head, slot, head width] so attention reads
-    each head's slots contiguously, with no transpose of the cache at each step."""
-    shape = (cfg.n_layer, batch, cfg.n_head, length, cfg.n_embd // cfg.n_head)
+    Each layer has its own keys and values, stored [batch, head, slot, head width] so that
+    attention reads each head's slots contiguously and no step copies a layer out of a
+    stacked cache."""
+    shape = (batch, cfg.n_head, length, cfg.n_embd // cfg.n_head)
     return {
-        "k_cache_LBHSK": jnp.zeros(shape, jnp.float32),
-        "v_cache_LBHSK": jnp.zeros(shape, jnp.float32),
+        "k_BHSK": [jnp.zeros(shape, jnp.float32) for _ in range(cfg.n_layer)],
+        "v_BHSK": [jnp.zeros(shape, jnp.float32) for _ in range(cfg.n_layer)],
         "pos_BS": jnp.full((batch, length), -1, jnp.int32),
         "index": jnp.zeros((), jnp.int32),
     }
 
 
-def _block_cached(p: dict, x_ND, positions_BT, cache: dict, layer: int, cfg: GPTConfig):
-    """A block whose attention reads the cache after writing this call's keys and values."""
+def _block_cached(p: dict, x_ND, positions_BT, kv: tuple, index, pos_BS, cfg: GPTConfig):
+    """A block whose attention reads its layer's cache `kv` after writing this call's keys
+    and values at slot `index`; returns (x_ND, kv)."""
     N, D = x_ND.shape
     B, H = positions_BT.shape[0], cfg.n_head
     q_BHTK, k_BHTK, v_BHTK = (a.transpose(0, 2, 1, 3) for a in _qkv(p, x_ND, B, H))
-    at = (layer, 0, 0, cache["index"], 0)
-    k_LBHSK = jax.lax.dynamic_update_slice(cache["k_cache_LBHSK"], k_BHTK[None], at)
-    v_LBHSK = jax.lax.dynamic_update_slice(cache["v_cache_LBHSK"], v_BHTK[None], at)
-    s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_LBHSK[layer]) / math.sqrt(D // H)
+    k_BHSK = jax.lax.dynamic_update_slice(kv[0], k_BHTK, (0, 0, index, 0))
+    v_BHSK = jax.lax.dynamic_update_slice(kv[1], v_BHTK, (0, 0, index, 0))
+    s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHSK) / math.sqrt(D // H)
     # A query sees the slots holding positions 0..its own: causal, and blind to padding.
-    kpos_B11S = cache["pos_BS"][:, None, None, :]
+    kpos_B11S = pos_BS[:, None, None, :]
     mask_B1TS = (kpos_B11S >= 0) & (kpos_B11S <= positions_BT[:, None, :, None])
     p_BHTS = jax.nn.softmax(jnp.where(mask_B1TS, s_BHTS, jnp.finfo(s_BHTS.dtype).min), axis=-1)
-    y_BTHK = jnp.einsum("bhts,bhsk->bthk", p_BHTS, v_LBHSK[layer])
+    y_BTHK = jnp.einsum("bhts,bhsk->bthk", p_BHTS, v_BHSK)
     x_ND = _mlp_residual(p, x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D)), 0.0, None)
-    return x_ND, cache | {"k_cache_LBHSK": k_LBHSK, "v_cache_LBHSK": v_LBHSK}
+    return x_ND, (k_BHSK, v_BHSK)
 
 
 def hidden_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
@@ -235,12 +236,17 @@ def hidden_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPT
     position -1 marks padding, which nothing attends to. No dropout: this is for inference.
     """
     B, T = tokens_BT.shape
-    cache = cache | {"pos_BS": jax.lax.dynamic_update_slice(cache["pos_BS"], positions_BT, (0, cache["index"]))}
+    index = cache["index"]
+    pos_BS = jax.lax.dynamic_update_slice(cache["pos_BS"], positions_BT, (0, index))
     pos_BT = jnp.clip(positions_BT, 0, cfg.block_size - 1)
     x_ND = (params["wte"][tokens_BT] + params["wpe"][pos_BT]).reshape(B * T, -1)
-    for layer, p_block in enumerate(params["h"]):
-        x_ND, cache = _block_cached(p_block, x_ND, positions_BT, cache, layer, cfg)
-    return _layer_norm(params["ln_f"], x_ND), cache | {"index": cache["index"] + T}
+    k_cache, v_cache = [], []
+    for p_block, *kv in zip(params["h"], cache["k_BHSK"], cache["v_BHSK"]):
+        x_ND, (k_BHSK, v_BHSK) = _block_cached(p_block, x_ND, positions_BT, kv, index, pos_BS, cfg)
+        k_cache.append(k_BHSK)
+        v_cache.append(v_BHSK)
+    return _layer_norm(params["ln_f"], x_ND), {"k_BHSK": k_cache, "v_BHSK": v_cache, "pos_BS": pos_BS,
+                                               "index": index + T}
 
 
 def forward_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
