@@ -49,6 +49,15 @@ def test_greedy_with_cache_equals_recomputation(cfg):
     assert len(set(sum(out, []))) > 5  # the weights give varied text
 
 
+def test_cache_growth_equals_recomputation():
+    """Prompt bucket 16: the cache starts at 32 slots, grows to 128, then to 16 + 256 = 272."""
+    cfg = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=256, vocab_size=65, dropout=0.0, bias=False)
+    prompts = PROMPTS[:2] + [[9] * 16]
+    out = generate(_params(cfg), cfg, prompts, max_new_tokens=140, temperature=0)
+    for prompt, row in zip(prompts, out):
+        assert row == _greedy_by_recomputation(cfg, prompt, 140)
+
+
 def test_ragged_rows_equal_rows_generated_alone():
     cfg, params = CHAR, _params(CHAR)
     batch = generate(params, cfg, PROMPTS, max_new_tokens=16, temperature=0)

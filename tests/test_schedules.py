@@ -12,7 +12,7 @@ PEAK, MIN, WARMUP, DECAY = 1e-3, 1e-4, 100, 1000
 
 def closed_form(name: str, t: int, decay_fraction: float = 0.2) -> float:
     if t < WARMUP:
-        return PEAK * t / WARMUP
+        return PEAK * (t + 1) / (WARMUP + 1)  # nanoGPT's get_lr
     if name == "constant":
         return PEAK
     if name == "rsqrt":

@@ -1,9 +1,14 @@
-"""Generation: prefill the prompts in one call, then decode in one compiled loop over a KV cache.
+"""Generation: prefill the prompts in one call, then decode in compiled loops over a KV cache.
 
 The rows of a batch are left-padded to a common length, so every row writes the same cache
 slot at each step; padding has negative positions, which attention never sees. Prompt length,
 batch size and the number of new tokens are rounded up to powers of two ("buckets"), so a
 stream of varied requests reuses compiled code instead of compiling for each one.
+
+Attention reads every slot of the cache, filled or not, so the cache starts at twice the
+prompt bucket and grows fourfold whenever it fills, rather than holding every slot a request
+may need from the start (fourfold rather than double: each cache size is one more compiled
+decoding loop, shared by all requests that reach it).
 
 Contexts longer than block_size slide as in nanoGPT: the model sees the last block_size
 tokens at positions 0..block_size-1. With a learned position table a sliding cache cannot
@@ -92,13 +97,17 @@ def _last_logits(params, h_ND, B: int) -> jax.Array:
     return jax.lax.optimization_barrier(params["wte"] @ h_BD.T).T
 
 
+def _max_slots(P: int, n_new: int, cfg: GPTConfig) -> int:
+    """Cache slots a request can fill: the cached phase ends before any row passes block_size."""
+    return P + min(n_new, cfg.block_size)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "n_new", "sampler"))
 def _prefill(params, prompt_BP, plen_B, live_B, sampling, cfg: GPTConfig, n_new: int, sampler):
     """Runs the left-padded prompts through the model in one call and picks the first token."""
     B, P = prompt_BP.shape
     pos_BP = jnp.arange(P)[None, :] - (P - plen_B)[:, None]
-    # The cached phase ends before any row passes block_size, so it never needs more slots.
-    cache = model.init_cache(cfg, B, P + min(n_new, cfg.block_size))
+    cache = model.init_cache(cfg, B, min(2 * P, _max_slots(P, n_new, cfg)))
     h_ND, cache = model.hidden_cached(params, prompt_BP, pos_BP, cache, cfg)
     state = {
         "cache": cache,
@@ -114,17 +123,21 @@ def _prefill(params, prompt_BP, plen_B, live_B, sampling, cfg: GPTConfig, n_new:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampler"), donate_argnames=("state",))
 def _decode(params, state, until, sampling, cfg: GPTConfig, sampler):
-    """Decodes until `until` new tokens or every row is done, in compiled loops: one over
-    the cache while every live row fits in block_size, then one over cropped windows."""
+    """Decodes until `until` new tokens, every row is done, or the cache is full, in compiled
+    loops: one over the cache while every live row fits in block_size, then one over
+    cropped windows."""
     B, S = state["tokens_BS"].shape
     P = state["prompt_slots"]
-    bs = cfg.block_size
+    bs, slots = cfg.block_size, state["cache"]["pos_BS"].shape[1]
 
     def running(s):
         return (s["step"] < until) & ~jnp.all(s["done_B"])
 
+    def in_block(s):
+        return jnp.all(s["done_B"] | (s["len_B"] <= bs))
+
     def fits(s):
-        return running(s) & jnp.all(s["done_B"] | (s["len_B"] <= bs))
+        return running(s) & in_block(s) & (s["cache"]["index"] < slots)
 
     def cached_step(s):
         last_B1 = jax.lax.dynamic_slice_in_dim(s["tokens_BS"], P + s["step"] - 1, 1, axis=1)
@@ -139,8 +152,13 @@ def _decode(params, state, until, sampling, cfg: GPTConfig, sampler):
 
     state = jax.lax.while_loop(fits, cached_step, state)
     if S > bs:  # otherwise no row can outgrow block_size
-        state = jax.lax.while_loop(running, window_step, state)
+        state = jax.lax.while_loop(lambda s: running(s) & ~in_block(s), window_step, state)
     return state
+
+
+@functools.partial(jax.jit, static_argnames=("slots",))
+def _grow_cache(state, slots: int):
+    return state | {"cache": model.grow_cache(state["cache"], slots)}
 
 
 _transpose_kernels = jax.jit(model.transpose_kernels)
@@ -210,16 +228,21 @@ def generate_stream(
     if B > 1:  # copies of the kernels, made once per request and read at every step
         params = _transpose_kernels(params)
 
-    state = _prefill(params, prompt_BP, plen_B, live_B, sampling, cfg, _pow2(max_new_tokens, 16), sampler)
+    n_new = _pow2(max_new_tokens, 16)
+    state = _prefill(params, prompt_BP, plen_B, live_B, sampling, cfg, n_new, sampler)
     sent = 0
     while True:
-        tokens_BS, n_new_B, done_B, step = jax.device_get(
-            (state["tokens_BS"], state["n_new_B"], state["done_B"], state["step"])
+        tokens_BS, n_new_B, done_B, step, index = jax.device_get(
+            (state["tokens_BS"], state["n_new_B"], state["done_B"], state["step"], state["cache"]["index"])
         )
-        yield [tokens_BS[i, P + sent : P + max(sent, n_new_B[i])].tolist() for i in range(len(prompts))]
+        if step > sent:
+            yield [tokens_BS[i, P + sent : P + max(sent, n_new_B[i])].tolist() for i in range(len(prompts))]
         sent = int(step)
         if sent >= max_new_tokens or done_B.all():
             return
+        slots = state["cache"]["pos_BS"].shape[1]
+        if index == slots and slots < _max_slots(P, n_new, cfg):
+            state = _grow_cache(state, min(4 * slots, _max_slots(P, n_new, cfg)))
         until = np.int32(min(sent + chunk_tokens, max_new_tokens))
         state = _decode(params, state, until, sampling, cfg, sampler)
 
@@ -240,7 +263,7 @@ def generate(
     Sampling filters apply in order temperature, top-k, top-p; temperature 0 is greedy.
     A row ends after its first stop token (which is included) or `max_new_tokens`.
     Contexts longer than block_size slide: the model sees the last block_size tokens.
-    Runs as one prefill call and one compiled decoding loop.
+    Runs as one prefill call and one compiled decoding loop per cache size.
     """
     out = [[] for _ in prompts]
     chunks = generate_stream(

@@ -211,6 +211,17 @@ def init_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
     }
 
 
+def grow_cache(cache: dict, length: int) -> dict:
+    """The cache with empty slots appended up to `length` slots per row."""
+    pad = length - cache["pos_BS"].shape[1]
+    grow = lambda a_BHSK: jnp.pad(a_BHSK, ((0, 0), (0, 0), (0, pad), (0, 0)))  # noqa: E731
+    return cache | {
+        "k_BHSK": [grow(a) for a in cache["k_BHSK"]],
+        "v_BHSK": [grow(a) for a in cache["v_BHSK"]],
+        "pos_BS": jnp.pad(cache["pos_BS"], ((0, 0), (0, pad)), constant_values=-1),
+    }
+
+
 def _block_cached(p: dict, x_ND, positions_BT, kv: tuple, index, pos_BS, cfg: GPTConfig):
     """A block whose attention reads its layer's cache `kv` after writing this call's keys
     and values at slot `index`; returns (x_ND, kv)."""

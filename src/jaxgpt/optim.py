@@ -13,7 +13,8 @@ SCHEDULES = ("constant", "linear", "cosine", "rsqrt", "wsd")
 
 
 def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Linear warmup from 0 to `learning_rate` over `warmup_iters`, then `cfg.schedule`:
+    """Linear warmup to `learning_rate` over `warmup_iters` (step t gets (t + 1) / (warmup_iters + 1)
+    of it, as in nanoGPT, so the first step already learns), then `cfg.schedule`:
 
     constant  learning_rate
     linear    down to min_lr at lr_decay_iters, then flat
@@ -22,10 +23,11 @@ def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
     wsd       flat until the last `decay_fraction` of lr_decay_iters, then linear down to min_lr
     """
     peak, warmup = cfg.learning_rate, cfg.warmup_iters
+    start = peak / (warmup + 1)
     decay_steps = max(cfg.lr_decay_iters, warmup + 1)
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=decay_steps, end_value=cfg.min_lr
+            init_value=start, peak_value=peak, warmup_steps=warmup, decay_steps=decay_steps, end_value=cfg.min_lr
         )
     if cfg.schedule == "constant":
         after = optax.constant_schedule(peak)
@@ -47,7 +49,7 @@ def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
         )
     else:
         raise ConfigError(f"unknown optim.schedule {cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+    return optax.join_schedules([optax.linear_schedule(start, peak, warmup), after], [warmup])
 
 
 def decay_mask(params):
