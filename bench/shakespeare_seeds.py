@@ -36,11 +36,10 @@ def jaxgpt_val_loss(data_dir: Path, out_dir: Path, seed: int) -> float:
 
 
 def nanogpt_val_loss(nanogpt: Path, work: Path, seed: int) -> float:
-    train_py = (nanogpt / "train.py").read_text()
-    patched = train_py.replace("torch.manual_seed(1337 + seed_offset)", f"torch.manual_seed({seed} + seed_offset)")
-    if patched == train_py:
-        raise SystemExit(f"{nanogpt}/train.py has no `torch.manual_seed(1337 + seed_offset)` line to reseed")
-    (work / "train.py").write_text(patched)
+    train_py, seed_line = (nanogpt / "train.py").read_text(), "torch.manual_seed(1337 + seed_offset)"
+    if seed_line not in train_py:
+        raise SystemExit(f"{nanogpt}/train.py has no `{seed_line}` line to reseed")
+    (work / "train.py").write_text(train_py.replace(seed_line, f"torch.manual_seed({seed} + seed_offset)"))
     for f in ("model.py", "configurator.py"):
         shutil.copy(nanogpt / f, work / f)
     shutil.copytree(nanogpt / "config", work / "config", dirs_exist_ok=True)
