@@ -229,6 +229,7 @@ def generate_stream(
         params = _transpose_kernels(params)
 
     n_new = _pow2(max_new_tokens, 16)
+    max_slots = _max_slots(P, n_new, cfg)
     state = _prefill(params, prompt_BP, plen_B, live_B, sampling, cfg, n_new, sampler)
     sent = 0
     while True:
@@ -241,8 +242,8 @@ def generate_stream(
         if sent >= max_new_tokens or done_B.all():
             return
         slots = state["cache"]["pos_BS"].shape[1]
-        if index == slots and slots < _max_slots(P, n_new, cfg):
-            state = _grow_cache(state, min(4 * slots, _max_slots(P, n_new, cfg)))
+        if index == slots < max_slots:
+            state = _grow_cache(state, min(4 * slots, max_slots))
         until = np.int32(min(sent + chunk_tokens, max_new_tokens))
         state = _decode(params, state, until, sampling, cfg, sampler)
 

@@ -214,26 +214,23 @@ def init_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
 def grow_cache(cache: dict, length: int) -> dict:
     """The cache with empty slots appended up to `length` slots per row."""
     pad = length - cache["pos_BS"].shape[1]
-    grow = lambda a_BHSK: jnp.pad(a_BHSK, ((0, 0), (0, 0), (0, pad), (0, 0)))  # noqa: E731
+    slots_BHSK = ((0, 0), (0, 0), (0, pad), (0, 0))
     return cache | {
-        "k_BHSK": [grow(a) for a in cache["k_BHSK"]],
-        "v_BHSK": [grow(a) for a in cache["v_BHSK"]],
+        "k_BHSK": [jnp.pad(a, slots_BHSK) for a in cache["k_BHSK"]],
+        "v_BHSK": [jnp.pad(a, slots_BHSK) for a in cache["v_BHSK"]],
         "pos_BS": jnp.pad(cache["pos_BS"], ((0, 0), (0, pad)), constant_values=-1),
     }
 
 
-def _block_cached(p: dict, x_ND, positions_BT, kv: tuple, index, pos_BS, cfg: GPTConfig):
+def _block_cached(p: dict, x_ND, kv: tuple, index, mask_B1TS, cfg: GPTConfig):
     """A block whose attention reads its layer's cache `kv` after writing this call's keys
-    and values at slot `index`; returns (x_ND, kv)."""
+    and values at slot `index`, seeing the slots `mask_B1TS` allows; returns (x_ND, kv)."""
     N, D = x_ND.shape
-    B, H = positions_BT.shape[0], cfg.n_head
+    B, H = mask_B1TS.shape[0], cfg.n_head
     q_BHTK, k_BHTK, v_BHTK = (a.transpose(0, 2, 1, 3) for a in _qkv(p, x_ND, B, H))
     k_BHSK = jax.lax.dynamic_update_slice(kv[0], k_BHTK, (0, 0, index, 0))
     v_BHSK = jax.lax.dynamic_update_slice(kv[1], v_BHTK, (0, 0, index, 0))
     s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHSK) / math.sqrt(D // H)
-    # A query sees the slots holding positions 0..its own: causal, and blind to padding.
-    kpos_B11S = pos_BS[:, None, None, :]
-    mask_B1TS = (kpos_B11S >= 0) & (kpos_B11S <= positions_BT[:, None, :, None])
     p_BHTS = jax.nn.softmax(jnp.where(mask_B1TS, s_BHTS, jnp.finfo(s_BHTS.dtype).min), axis=-1)
     y_BTHK = jnp.einsum("bhts,bhsk->bthk", p_BHTS, v_BHSK)
     x_ND = _mlp_residual(p, x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D)), 0.0, None)
@@ -243,17 +240,19 @@ def _block_cached(p: dict, x_ND, positions_BT, kv: tuple, index, pos_BS, cfg: GP
 def hidden_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
     """`hidden` for tokens written at cache slots [index, index + T): returns ([N, D], cache).
 
-    Each token attends to the cached slots whose positions lie in [0, its own position];
-    position -1 marks padding, which nothing attends to. No dropout: this is for inference.
+    Each token attends to the cached slots whose positions lie in [0, its own position]:
+    causal, and blind to padding (position -1). No dropout: this is for inference.
     """
     B, T = tokens_BT.shape
     index = cache["index"]
     pos_BS = jax.lax.dynamic_update_slice(cache["pos_BS"], positions_BT, (0, index))
+    kpos_B11S = pos_BS[:, None, None, :]
+    mask_B1TS = (kpos_B11S >= 0) & (kpos_B11S <= positions_BT[:, None, :, None])
     pos_BT = jnp.clip(positions_BT, 0, cfg.block_size - 1)
     x_ND = (params["wte"][tokens_BT] + params["wpe"][pos_BT]).reshape(B * T, -1)
     k_cache, v_cache = [], []
     for p_block, *kv in zip(params["h"], cache["k_BHSK"], cache["v_BHSK"]):
-        x_ND, (k_BHSK, v_BHSK) = _block_cached(p_block, x_ND, positions_BT, kv, index, pos_BS, cfg)
+        x_ND, (k_BHSK, v_BHSK) = _block_cached(p_block, x_ND, kv, index, mask_B1TS, cfg)
         k_cache.append(k_BHSK)
         v_cache.append(v_BHSK)
     return _layer_norm(params["ln_f"], x_ND), {"k_BHSK": k_cache, "v_BHSK": v_cache, "pos_BS": pos_BS,
@@ -264,4 +263,4 @@ def forward_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GP
     """Logits float32 [B, T, V] and the updated cache; see `hidden_cached`."""
     B, T = tokens_BT.shape
     h_ND, cache = hidden_cached(params, tokens_BT, positions_BT, cache, cfg)
-    return (h_ND @ params["wte"].T).reshape(B, T, -1), cache
+    return _logits(params, h_ND).reshape(B, T, -1), cache
