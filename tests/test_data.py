@@ -106,14 +106,26 @@ def test_offline_download_names_input(tmp_path, monkeypatch):
 def test_chunked_gpt2_encoding_equals_whole_text(tmp_path, monkeypatch, shakespeare_text):
     from jaxgpt import tokenizer
 
-    monkeypatch.setattr(data, "CHUNK_CHARS", 997)  # many cuts, including inside blank-line runs
+    monkeypatch.setattr(data, "CHUNK_CHARS", 997)  # many cuts, many at blank lines before a speaker
     src = tmp_path / "in.txt"
-    text = shakespeare_text[:20_000].replace("\n\n", "\n\n\n  ")
+    text = shakespeare_text[:20_000]
     src.write_text(text)
     data.prepare(data.resolve_source(str(src)), tmp_path / "d", encoding="gpt2", val_fraction=0.5)
     ds = data.open_dataset(tmp_path / "d")
     whole = tokenizer.get_tokenizer("gpt2").encode(text[: int(0.5 * len(text))])
     np.testing.assert_array_equal(np.asarray(ds.splits["train"][0]), whole)
+
+
+def test_safe_cut_keeps_gpt2_ids_on_random_text():
+    from jaxgpt import tokenizer
+
+    enc = tokenizer.get_tokenizer("gpt2").encode
+    rng = np.random.default_rng(0)
+    alphabet = list("ab \n\t.'") + ["\n\n", "  ", "'s"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet, size=rng.integers(1, 40)))
+        cut = data._safe_cut(text)
+        assert enc(text[:cut]) + enc(text[cut:]) == enc(text), repr(text)
 
 
 def test_several_processes_write_the_same_files(tmp_path, monkeypatch, shakespeare_text):

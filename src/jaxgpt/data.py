@@ -103,12 +103,13 @@ def _text_files(path: Path) -> list[Path]:
 
 
 def _safe_cut(text: str) -> int:
-    """Index after the last newline that a non-space follows: GPT-2's pre-tokenizer splits
-    there too, so encoding the pieces gives the same ids as encoding the whole (0: no cut)."""
+    """Index of the last newline that a non-space follows (0: no cut). GPT-2's pre-tokenizer
+    makes that newline a token of its own, apart from the whitespace before it ("\n\nA" is
+    "\n", "\n", "A"), so encoding text[:cut] and text[cut:] gives the ids of the whole."""
     i = text.rfind("\n")
     while i >= 0 and (i + 1 == len(text) or text[i + 1].isspace()):
         i = text.rfind("\n", 0, i)
-    return i + 1
+    return max(i, 0)
 
 
 def _read_chunks(path: Path) -> Iterator[str]:
