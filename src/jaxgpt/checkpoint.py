@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 
 from jaxgpt import config as config_lib
 from jaxgpt import model
+from jaxgpt import tokenizer as tokenizer_lib
 
 
 class CheckpointError(ValueError):
@@ -101,3 +102,9 @@ def load_params(run_dir: str | Path, which: str = "best"):
             "try --checkpoint latest or best, or resume training to fall back to an older one"
         ) from None
     return cfg, params, meta
+
+
+def load_model(run_dir: str | Path, which: str = "best"):
+    """(model config, params, tokenizer) of a run's best or latest checkpoint."""
+    cfg, params, _ = load_params(run_dir, which)
+    return cfg.model, params, tokenizer_lib.tokenizer_from_meta(data_meta(run_dir)["tokenizer"], Path(cfg.data.dir))

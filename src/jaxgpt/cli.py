@@ -254,22 +254,18 @@ def _read_prompt(prompt: str) -> str:
 
 def _load_model(out_dir: str | None, init_from: str | None, which: str = "best"):
     """(model config, params, tokenizer) of a run directory or of a Hugging Face GPT-2."""
-    from jaxgpt import checkpoint, tokenizer
+    from jaxgpt import checkpoint, hf
 
     if (out_dir is None) == (init_from is None):
         raise config_lib.ConfigError("give either --out-dir RUN_DIR or --init-from gpt2|HF_DIR")
-    if init_from is not None:
-        from jaxgpt import hf
-
-        model_cfg, params = hf.load_hf(init_from)
-        if model_cfg.vocab_size < 50257:
-            raise config_lib.ConfigError(
-                f"{init_from} has a vocabulary of {model_cfg.vocab_size}, not GPT-2's: sample from its run directory"
-            )
-        return model_cfg, params, tokenizer.get_tokenizer("gpt2")
-    cfg, params, _ = checkpoint.load_params(out_dir, which)
-    tok = tokenizer.tokenizer_from_meta(checkpoint.data_meta(out_dir)["tokenizer"], Path(cfg.data.dir))
-    return cfg.model, params, tok
+    if out_dir is not None:
+        return checkpoint.load_model(out_dir, which)
+    model_cfg, params, tok = hf.load_hf_model(init_from)
+    if tok is None:
+        raise config_lib.ConfigError(
+            f"{init_from} has a vocabulary of {model_cfg.vocab_size}, not GPT-2's: sample from its run directory"
+        )
+    return model_cfg, params, tok
 
 
 def cmd_sample(argv: list[str]) -> None:
@@ -364,16 +360,13 @@ def cmd_lm_eval(argv: list[str]) -> None:
 
 
 def cmd_convert(argv: list[str]) -> None:
-    from jaxgpt import hf
+    from jaxgpt import checkpoint, hf
 
     args = _parse(ConvertArgs, argv, "jaxgpt convert")
     if (Path(args.src) / "config.toml").is_file():
-        model_cfg, params, tok = _load_model(args.src, None, args.checkpoint)
+        model_cfg, params, tok = checkpoint.load_model(args.src, args.checkpoint)
     else:
-        from jaxgpt import tokenizer
-
-        model_cfg, params = hf.load_hf(args.src)
-        tok = tokenizer.get_tokenizer("gpt2") if model_cfg.vocab_size >= 50257 else None
+        model_cfg, params, tok = hf.load_hf_model(args.src)
     hf.save_hf(model_cfg, params, args.dst, tokenizer=tok)
     print(f"wrote {args.dst}: GPT-2 with {model_cfg.n_layer} layers, width {model_cfg.n_embd}, "
           f"vocabulary {model_cfg.vocab_size}")

@@ -182,6 +182,13 @@ def load_hf(path_or_name: str | Path) -> tuple[GPTConfig, dict]:
     return cfg, jax.tree.unflatten(jax.tree.structure(abstract), leaves)
 
 
+def load_hf_model(path_or_name: str | Path):
+    """(config, params, tokenizer) of an HF GPT-2 checkpoint; the tokenizer is GPT-2's where
+    the vocabulary holds it, else None (e.g. a char-level model jaxgpt exported)."""
+    cfg, params = load_hf(path_or_name)
+    return cfg, params, tokenizer_lib.get_tokenizer("gpt2") if cfg.vocab_size >= 50257 else None
+
+
 def init_from(path_or_name: str | Path, cfg: GPTConfig) -> tuple[GPTConfig, dict]:
     """An HF GPT-2 to fine-tune (`train.init_from`): its shape and weights, with `cfg`'s
     dropout and block_size. `cfg.vocab_size` is the data's, which the checkpoint's must cover;

@@ -38,13 +38,13 @@ class EvalError(ValueError):
 
 def load_model(path: str | Path, which: str = "best"):
     """(model config, params, tokenizer) of a jaxgpt run directory or a Hugging Face GPT-2 directory."""
-    path = Path(path)
-    if (path / "config.toml").is_file():
-        cfg, params, _ = checkpoint.load_params(path, which)
-        tok = tokenizer_lib.tokenizer_from_meta(checkpoint.data_meta(path)["tokenizer"], Path(cfg.data.dir))
-        return cfg.model, params, tok
-    model_cfg, params = hf.load_hf(path)
-    return model_cfg, params, tokenizer_lib.get_tokenizer("gpt2")
+    if (Path(path) / "config.toml").is_file():
+        return checkpoint.load_model(path, which)
+    model_cfg, params, tok = hf.load_hf_model(path)
+    if tok is None:
+        raise EvalError(f"{path} has a vocabulary of {model_cfg.vocab_size}, not GPT-2's, and no tokenizer "
+                        "of its own: evaluate its run directory instead")
+    return model_cfg, params, tok
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -82,12 +82,8 @@ class JaxGPTLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return self.prefix_token_id if self.tok.eot_token is None else self.tok.eot_token
-
-    @property
-    def prefix_token_id(self) -> int:
-        """What empty contexts and rolling windows start from: end-of-text, or for a
-        tokenizer without one (char level) a newline."""
+        """End-of-text, or for a tokenizer without one (char level) a newline. lm-eval's
+        prefix_token_id, what empty contexts and rolling windows start from, is this too."""
         if self.tok.eot_token is not None:
             return self.tok.eot_token
         try:
@@ -152,6 +148,7 @@ class JaxGPTLM(TemplateLM):
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True), []).append(i)
         out = [""] * len(requests)
+        stops = [self.tok.eot_token] if self.tok.eot_token is not None else None
         for indices in groups.values():
             kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -165,12 +162,8 @@ class JaxGPTLM(TemplateLM):
             order = sorted(indices, key=lambda i: -len(prompts[i]))
             for start in range(0, len(order), self._batch_size):
                 rows = order[start : start + self._batch_size]
-                stops = [self.tok.eot_token] if self.tok.eot_token is not None else None
-                new = generate(self.params, self.cfg, [prompts[i] for i in rows], max_new,
-                                        stop_tokens=stops, **sampling)
-                for i, ids in zip(rows, new):
-                    if stops and ids and ids[-1] in stops:
-                        ids = ids[:-1]
+                new = generate(self.params, self.cfg, [prompts[i] for i in rows], max_new, stop_tokens=stops, **sampling)
+                for i, ids in zip(rows, new):  # `until` holds eos: the text is cut at end-of-text
                     out[i] = postprocess_generated_text(self.tok.decode(ids), until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out
