@@ -10,6 +10,7 @@ roofline reached, with the bandwidth measured in the same run.
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import jax
@@ -19,7 +20,6 @@ import torch
 import transformers
 
 import jaxgpt
-from jaxgpt.config import GPTConfig
 from jaxgpt.generate import generate, generate_stream
 
 
@@ -36,31 +36,6 @@ def read_bandwidth(n_bytes: int = 1 << 29, reps: int = 5) -> float:
             f()
             best = min(best, time.perf_counter() - t)
     return n_bytes / best
-
-
-def hf_to_jaxgpt(hf_model) -> tuple[GPTConfig, dict]:
-    """The jaxgpt config and params of a GPT2LMHeadModel (Conv1D kernels are [in, out] in both)."""
-    c = hf_model.config
-    cfg = GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
-                    vocab_size=c.vocab_size, dropout=0.0, bias=True)
-    sd = {k: jnp.asarray(v.detach().numpy()) for k, v in hf_model.transformer.state_dict().items()}
-
-    def dense(name):
-        return {"kernel": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
-
-    def norm(name):
-        return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
-
-    blocks = [
-        {
-            "ln_1": norm(f"h.{i}.ln_1"),
-            "attn": {"c_attn": dense(f"h.{i}.attn.c_attn"), "c_proj": dense(f"h.{i}.attn.c_proj")},
-            "ln_2": norm(f"h.{i}.ln_2"),
-            "mlp": {"c_fc": dense(f"h.{i}.mlp.c_fc"), "c_proj": dense(f"h.{i}.mlp.c_proj")},
-        }
-        for i in range(c.n_layer)
-    ]
-    return cfg, {"wte": sd["wte.weight"], "wpe": sd["wpe.weight"], "h": blocks, "ln_f": norm("ln_f")}
 
 
 def timed(f):
@@ -86,8 +61,10 @@ def main():
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
     hf.generation_config.eos_token_id = None  # always generate all N tokens
     hf.generation_config.pad_token_id = 0
-    cfg, params = hf_to_jaxgpt(hf)
-    weight_bytes = 4 * jaxgpt.count_params(params) - 4 * params["wpe"].size  # wpe: one row a step
+    with tempfile.TemporaryDirectory() as tmp:  # jaxgpt reads the same weights as HF saves them
+        hf.save_pretrained(tmp)
+        cfg, params = jaxgpt.load_hf(tmp)
+    weight_bytes = 4 * jaxgpt.count_params(params, non_embedding=True)  # wpe: one row a step
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weight_bytes / 1e9:.2f} GB read a step "
           f"-> batch-1 roofline {bandwidth / weight_bytes:.1f} tok/s")
 

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from jaxgpt import config, flops, model, optim, sharding, train
+from jaxgpt import hf as hf_lib
 from jaxgpt.config import GPTConfig
 
 
@@ -44,9 +45,8 @@ def torch_step_fn(mcfg: GPTConfig, B: int):
     import transformers
 
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd, n_positions=mcfg.block_size,
-        vocab_size=mcfg.vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    hf_config = hf_lib.config_to_hf(dataclasses.replace(mcfg, dropout=0.0))
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config))
     opt = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
     x = torch.randint(0, mcfg.vocab_size, (B, mcfg.block_size))
 
