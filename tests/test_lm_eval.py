@@ -199,3 +199,16 @@ def test_task_errors_are_one_line(capsys, hf_dir, task_dir, tasks, expected):
     err = capsys.readouterr().err.strip()
     print(err)
     assert "\n" not in err and expected in err, err
+
+
+def test_hf_model_without_gpt2_vocabulary_is_refused(tmp_path):
+    """A char-level model exported to HF layout has no tokenizer lm-eval could use."""
+    import jax
+
+    from jaxgpt import hf, model
+    from jaxgpt.config import GPTConfig
+
+    cfg = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=65, dropout=0.0, bias=True)
+    hf.save_hf(cfg, model.init_params(cfg, jax.random.key(0)), tmp_path)
+    with pytest.raises(lm_eval_model.EvalError, match="vocabulary of 65, not GPT-2's"):
+        lm_eval_model.load_model(tmp_path)
