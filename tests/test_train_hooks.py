@@ -49,7 +49,7 @@ def run(tmp_path_factory, tiny_dataset, shakespeare_text):
     tmp = tmp_path_factory.mktemp("hooks")
     tasks = write_rolling_task(tmp / "tasks", shakespeare_text, tmp / "cache")
     cfg = tiny_config(tiny_dataset, tmp / "run", max_iters=4, eval_interval=1, keep=5, layer_stats=True,
-                      profile_steps="2:4", wandb_project="jaxgpt-test")
+                      profile_steps="2:4", wandb_project="jaxgpt-test", compute_dtype="bfloat16", grad_accum=2)
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, warmup_iters=0),
                               eval=EvalConfig(tasks=("shakespeare_roll",), every=2, include_path=tasks))
     logs, logged = [], []

@@ -76,7 +76,8 @@ class TrainConfig:
     peak_flops: float | None = None
     """Peak FLOP/s of all devices in use, for MFU (default: a table of GPUs/TPUs, or a matmul measured at start)."""
     layer_stats: bool = False
-    """At log steps, also log each layer's parameter norm, gradient norm and update/parameter ratio."""
+    """At log steps, also log each layer's parameter norm, gradient norm and update/parameter ratio
+    (computed inside every step, from the step's own gradients: a few norms over the params)."""
     profile_steps: str | None = None
     """START:END: write a JAX profiler trace (with a Perfetto file) of those steps to RUN_DIR/profile."""
     wandb_project: str | None = None

@@ -50,8 +50,10 @@ def shardings(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh) -> dic
 
 
 def make_train_step(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh | None = None):
-    """(params, opt_state, x_ABT, y_ABT, it) -> (params, opt_state, loss, grad_norm); A micro-batches.
+    """(params, opt_state, x_ABT, y_ABT, it) -> (params, opt_state, loss, stats); A micro-batches.
 
+    `stats` holds the gradient's global norm and, under cfg.train.layer_stats, each layer's
+    param_norm, grad_norm and update_ratio (update norm / param norm) of this very step.
     Jitted with the shardings of `mesh` (default: cfg.mesh over all devices); the matmuls
     run in cfg.train.compute_dtype on a cast of the float32 params."""
     mcfg, dtype, remat = cfg.model, compute_dtype(cfg.train.compute_dtype), cfg.train.remat == "block"
@@ -78,7 +80,10 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh |
             (loss, grads), _ = jax.lax.scan(body, zeros, jnp.arange(A))
             loss, grads = jax.tree.map(lambda g: g / A, (loss, grads))
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+        stats = {"grad_norm": optax.tree.norm(grads)}
+        if cfg.train.layer_stats:
+            stats |= _layer_stats(params, grads, updates)
+        return optax.apply_updates(params, updates), opt_state, loss, stats
 
     sh = shardings(cfg, opt, mesh or sharding.make_mesh(cfg.mesh))
     return jax.jit(step, in_shardings=(sh["params"], sh["opt_state"], sh["batch"], sh["batch"], sh["scalar"]),
@@ -151,28 +156,13 @@ def _layer_groups(tree) -> dict:
             "ln_f": tree["ln_f"]}
 
 
-def make_layer_stats(cfg: Config, opt: optax.GradientTransformation):
-    """(params, opt_state, x_ABT, y_ABT, it) -> {LAYER.param_norm, LAYER.grad_norm, LAYER.update_ratio}
-    of iteration `it`'s step (update norm / param norm). It recomputes the step's gradients,
-    so turning it on costs one more step at every log step and nothing otherwise."""
-    base_key = jax.random.key(cfg.train.seed)
-
-    def stats(params, opt_state, x_ABT, y_ABT, it):
-        key, A = jax.random.fold_in(base_key, it), x_ABT.shape[0]
-
-        def micro_grads(i):  # the keys of make_train_step's micro-batches
-            k = key if A == 1 else jax.random.fold_in(key, i)
-            return jax.grad(model.loss_fn)(params, x_ABT[i], y_ABT[i], cfg.model, k if cfg.model.dropout > 0 else None)
-
-        grads = jax.tree.map(lambda *g: sum(g) / A, *(micro_grads(i) for i in range(A)))
-        updates, _ = opt.update(grads, opt_state, params)
-        out, layers = {}, [_layer_groups(t) for t in (params, grads, updates)]
-        for name in layers[0]:
-            p_norm, g_norm, u_norm = (optax.tree.norm(t[name]) for t in layers)
-            out |= {f"{name}.param_norm": p_norm, f"{name}.grad_norm": g_norm, f"{name}.update_ratio": u_norm / p_norm}
-        return out
-
-    return jax.jit(stats)
+def _layer_stats(params, grads, updates) -> dict:
+    """LAYER.param_norm, LAYER.grad_norm and LAYER.update_ratio for each layer group."""
+    out, layers = {}, [_layer_groups(t) for t in (params, grads, updates)]
+    for name in layers[0]:
+        p_norm, g_norm, u_norm = (optax.tree.norm(t[name]) for t in layers)
+        out |= {f"{name}.param_norm": p_norm, f"{name}.grad_norm": g_norm, f"{name}.update_ratio": u_norm / p_norm}
+    return out
 
 
 def _step_range(spec: str) -> tuple[int, int]:
@@ -384,7 +374,6 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
 
     train_step = make_train_step(cfg, opt, mesh)
     eval_step = make_eval_step(cfg, mesh)
-    layer_stats = make_layer_stats(cfg, opt) if tc.layer_stats else None
     tokens_per_it = tc.grad_accum * cfg.data.batch_size * cfg.model.block_size
     flops_per_it = model.flops_per_token(cfg.model) * tokens_per_it
     peak = tc.peak_flops or flops.peak_flops(list(mesh.devices.flat), compute_dtype(tc.compute_dtype))
@@ -422,14 +411,13 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                 rlog.status = "finished"
                 break
             profile(it)
-            stats = layer_stats(params, opt_state, x, y, it) if layer_stats and it % tc.log_interval == 0 else None
-            params, opt_state, loss, grad_norm = train_step(params, opt_state, x, y, it)
+            params, opt_state, loss, stats = train_step(params, opt_state, x, y, it)
             profile(it, loss)
             x, y = _global_batch(ds, cfg, it + 1, sh["batch"])  # prepared while the device computes
             steps_since_log += 1
             if it % tc.log_interval == 0:
-                loss, grad_norm, in_a_row, skipped = jax.device_get(
-                    (loss, grad_norm, optim.nonfinite_count(opt_state), opt_state.total_notfinite))
+                loss, stats, in_a_row, skipped = jax.device_get(
+                    (loss, stats, optim.nonfinite_count(opt_state), opt_state.total_notfinite))
                 if in_a_row >= tc.max_nonfinite:
                     rlog.status = "diverged"
                     raise TrainError(
@@ -438,11 +426,9 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                         "lower --optim.learning-rate or check the data, then --resume"
                     )
                 dt = (time.perf_counter() - t_log) / steps_since_log
-                rec = {"step": it, "loss": float(loss), "lr": float(schedule(it)), "grad_norm": float(grad_norm),
+                rec = {"step": it, "loss": float(loss), "lr": float(schedule(it)),
                        "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_it / dt, "mfu": flops_per_it / dt / peak,
-                       "skipped_steps": int(skipped)}
-                if stats is not None:
-                    rec |= {k: float(v) for k, v in jax.device_get(stats).items()}
+                       "skipped_steps": int(skipped)} | {k: float(v) for k, v in stats.items()}
                 rlog.write(rec)
                 log(f"iter {it}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {rec['ms_per_step']:.1f} ms/step, "
                     f"{rec['tokens_per_s']:,.0f} tok/s, MFU {100 * rec['mfu']:.1f}%" + (f", {skipped} steps skipped (non-finite)" if skipped else ""))
