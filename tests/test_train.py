@@ -47,9 +47,13 @@ def test_run_directory_and_checkpoints(tmp_path, tiny_dataset):
     records = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20]
     assert all("loss" in r and "step" in r for r in records if "val_loss" not in r)
+    best = min((r for r in records if "val_loss" in r and r["step"] > 0), key=lambda r: r["val_loss"])
     _, params, meta = checkpoint.load_params(run, "best")
-    assert meta["val_loss"] == meta["best_val_loss"] == result["best_val_loss"]
-    _, latest, meta = checkpoint.load_params(run, "latest")
+    assert (meta["step"], meta["val_loss"]) == (best["step"], best["val_loss"]) == (best["step"], result["best_val_loss"])
+    ds = data.open_dataset(tiny_dataset)  # the best checkpoint holds the params that scored it
+    rescored = train.estimate_loss(train.make_eval_step(saved), params, ds, saved)["val"]
+    assert rescored == pytest.approx(best["val_loss"], rel=1e-6)
+    _, _, meta = checkpoint.load_params(run, "latest")
     assert meta["step"] == 20
 
 
