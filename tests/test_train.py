@@ -51,7 +51,7 @@ def test_run_directory_and_checkpoints(tmp_path, tiny_dataset):
     _, params, meta = checkpoint.load_params(run, "best")
     assert (meta["step"], meta["val_loss"]) == (best["step"], best["val_loss"]) == (best["step"], result["best_val_loss"])
     ds = data.open_dataset(tiny_dataset)  # the best checkpoint holds the params that scored it
-    rescored = train.estimate_loss(train.make_eval_step(saved), params, ds, saved)["val"]
+    rescored = train.estimate_loss(train.make_eval_step(saved), params, train.estimate_batches(ds, saved))["val"]
     assert rescored == pytest.approx(best["val_loss"], rel=1e-6)
     _, _, meta = checkpoint.load_params(run, "latest")
     assert meta["step"] == 20

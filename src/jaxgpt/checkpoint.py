@@ -57,7 +57,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_op
     if abstract_opt_state is not None:
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
     out = mngr.restore(step, args=ocp.args.Composite(**items))
-    return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
+    return out["params"], out.get("opt_state"), out["meta"]
 
 
 def run_config(run_dir: Path) -> config_lib.Config:

@@ -236,7 +236,7 @@ def cmd_train(argv: list[str]) -> None:
         if args.preset == preset:
             break
         preset = args.preset
-    cfg = config_lib.from_dict(config_lib.to_dict(args.resolved()))  # re-validates flag values
+    cfg = args.resolved()
     result = train.train(cfg, resume=args.resume, force=args.force)
     if result["status"] == "finished":
         print(f"done: val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}); "

@@ -113,15 +113,20 @@ def make_eval_step(cfg: Config, mesh: Mesh | None = None):
     return eval_step
 
 
-def estimate_loss(eval_step, params, ds: data.Dataset, cfg: Config) -> dict[str, float]:
-    """Mean loss over the same `eval_iters` random batches of each split at every evaluation."""
-    out = {}
+def estimate_batches(ds: data.Dataset, cfg: Config) -> dict[str, list]:
+    """The `eval_iters` random (x, y) batches of each split that every evaluation scores."""
     B, T = cfg.data.batch_size, cfg.model.block_size
-    ones_BT = np.ones((B, T), np.int32)
-    for split in ("train", "val"):
-        sums = [eval_step(params, *data.get_batch(ds, split, B, T, cfg.train.seed, EVAL_STREAM + i), ones_BT)[0]
-                for i in range(cfg.train.eval_iters)]  # fetched once: no host sync per batch
-        out[split] = float(sum(jax.device_get(sums))) / (B * T * cfg.train.eval_iters)
+    return {split: [data.get_batch(ds, split, B, T, cfg.train.seed, EVAL_STREAM + i) for i in range(cfg.train.eval_iters)]
+            for split in ("train", "val")}
+
+
+def estimate_loss(eval_step, params, batches: dict[str, list]) -> dict[str, float]:
+    """Mean loss of each split over its `estimate_batches`."""
+    out = {}
+    for split, xy in batches.items():
+        ones_BT = np.ones(xy[0][0].shape, np.int32)
+        sums = [eval_step(params, x, y, ones_BT)[0] for x, y in xy]  # fetched once: no host sync per batch
+        out[split] = float(sum(jax.device_get(sums))) / (ones_BT.size * len(xy))
     return out
 
 
@@ -327,7 +332,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
         if not force:
             raise TrainError(f"{run_dir} already holds a run (step {max(steps)}): add --resume to continue it, "
                              "--force to delete it and start over, or pick another --out-dir")
-        for name in ("checkpoints", "best", "tensorboard", "corrupt"):
+        for name in ("checkpoints", "best", "tensorboard", "corrupt", "profile", "wandb"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         log(f"--force: deleted the run in {run_dir}")
     mngrs = checkpoint.managers(run_dir, tc.keep)  # this also removes what killed saves left
@@ -373,7 +378,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
         f"data {ds.dir} ({ds.tokens('train'):,} train tokens)")
 
     train_step = make_train_step(cfg, opt, mesh)
-    eval_step = make_eval_step(cfg, mesh)
+    eval_step, eval_batches = make_eval_step(cfg, mesh), estimate_batches(ds, cfg)
     tokens_per_it = tc.grad_accum * cfg.data.batch_size * cfg.model.block_size
     flops_per_it = model.flops_per_token(cfg.model) * tokens_per_it
     peak = tc.peak_flops or flops.peak_flops(list(mesh.devices.flat), compute_dtype(tc.compute_dtype))
@@ -390,7 +395,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                 rlog.status = "stopped"
                 break
             if (it % tc.eval_interval == 0 or it == tc.max_iters) and not (it == start and evaluated_at_start):
-                losses = estimate_loss(eval_step, params, ds, cfg)
+                losses = estimate_loss(eval_step, params, eval_batches)
                 bpb = ds.bits_per_byte(losses["val"])
                 rlog.write({"step": it, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb})
                 log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
