@@ -83,6 +83,17 @@ def test_loss_matches_transformers_labels(saved):
     assert abs(float(loss) - ref) <= 1e-5
 
 
+def test_bfloat16_checkpoint_reads_as_float32(saved, tmp_path):
+    _, m, _ = saved
+    m_bf16 = transformers.GPT2LMHeadModel(m.config).to(torch.bfloat16)
+    m_bf16.load_state_dict(m.state_dict())
+    m_bf16.save_pretrained(tmp_path)
+    _, params = jaxgpt.load_hf(tmp_path)
+    wte = m_bf16.transformer.wte.weight.detach().float().numpy()
+    assert params["wte"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(params["wte"]), wte)
+
+
 def test_bin_and_sharded_checkpoints_read_alike(saved, tmp_path):
     _, m, path = saved
     (tmp_path / "bin").mkdir()

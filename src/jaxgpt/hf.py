@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
+import safetensors.flax
 import safetensors.numpy
 
 from jaxgpt import model
@@ -99,16 +100,14 @@ def _named_leaves(tree) -> dict:
     return named
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    try:
-        return safetensors.numpy.load_file(path)
-    except TypeError as e:  # bfloat16 has no numpy dtype
-        raise HFError(f"{path}: cannot read its tensors into numpy ({e}); save it as float32 or float16") from None
+def _read_safetensors(path: Path) -> dict[str, jax.Array]:
+    try:  # safetensors' JAX reader: its numpy one cannot read bfloat16
+        return safetensors.flax.load_file(path)
     except safetensors.SafetensorError as e:
         raise HFError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
+def _read_tensors(directory: Path) -> dict:
     """All tensors of an HF checkpoint directory, names without the `transformer.` prefix."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
