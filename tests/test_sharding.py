@@ -155,3 +155,22 @@ def test_remat_gives_the_same_grads():
 if __name__ == "__main__":
     result = eight_device_runs(sys.argv[1], sys.argv[2])
     (Path(sys.argv[2]) / "result.json").write_text(json.dumps(result))
+
+
+def test_tensor_parallel_rules_reach_the_params():
+    """Which param dims each axis of a (data 1, fsdp 4, tensor 2) mesh splits; a dim the
+    axis does not divide (an odd vocabulary) stays whole."""
+    from jax.sharding import AbstractMesh
+    from jax.sharding import PartitionSpec as P
+
+    from jaxgpt import sharding
+
+    mesh = AbstractMesh((1, 4, 2), sharding.AXES)
+    for vocab, wte in ((64, P("tensor", "fsdp")), (65, P(None, "fsdp"))):
+        cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=vocab, bias=True)
+        specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(mesh, model.abstract_params(cfg)))
+        block = specs["h"][0]
+        assert specs["wte"] == wte and specs["wpe"] == P(None, "fsdp")
+        assert block["attn"]["c_attn"]["kernel"] == block["mlp"]["c_fc"]["kernel"] == P("fsdp", "tensor")
+        assert block["attn"]["c_proj"]["kernel"] == block["mlp"]["c_proj"]["kernel"] == P("tensor", "fsdp")
+        assert block["attn"]["c_attn"]["bias"] == P("tensor") and block["ln_1"]["scale"] == P()
