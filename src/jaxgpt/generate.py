@@ -28,7 +28,8 @@ from jaxgpt import model
 from jaxgpt.config import GPTConfig
 
 
-def _pow2(n: int, minimum: int = 1) -> int:
+def pow2_bucket(n: int, minimum: int = 1) -> int:
+    """The shape bucket of `n`: the next power of two, at least `minimum`."""
     return max(minimum, 1 << (n - 1).bit_length())
 
 
@@ -207,14 +208,14 @@ def generate_stream(
     _check(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens)
     top_k = None if top_k is None else min(top_k, cfg.vocab_size)  # as nanoGPT: k past the vocabulary keeps all
     prompts = [list(p)[-cfg.block_size :] for p in prompts]  # crop as nanoGPT does
-    B = _pow2(len(prompts))
-    P = min(_pow2(max(map(len, prompts)), 16), cfg.block_size)
+    B = pow2_bucket(len(prompts))
+    P = min(pow2_bucket(max(map(len, prompts)), 16), cfg.block_size)
     prompt_BP = np.zeros((B, P), np.int32)
     plen_B = np.ones((B,), np.int32)  # padding rows: one token, done from the start
     for i, p in enumerate(prompts):
         prompt_BP[i, P - len(p) :] = p
         plen_B[i] = len(p)
-    stop_ids = np.full((_pow2(max(len(stop_tokens), 1)),), -1, np.int32)
+    stop_ids = np.full((pow2_bucket(max(len(stop_tokens), 1)),), -1, np.int32)
     stop_ids[: len(stop_tokens)] = stop_tokens
     sampling = {
         "temperature": np.float32(temperature or 1.0),
@@ -228,7 +229,7 @@ def generate_stream(
     if B > 1:  # copies of the kernels, made once per request and read at every step
         params = _transpose_kernels(params)
 
-    n_new = _pow2(max_new_tokens, 16)
+    n_new = pow2_bucket(max_new_tokens, 16)
     max_slots = _max_slots(P, n_new, cfg)
     state = _prefill(params, prompt_BP, plen_B, live_B, sampling, cfg, n_new, sampler)
     sent = 0

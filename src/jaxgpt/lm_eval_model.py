@@ -29,7 +29,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from jaxgpt import checkpoint, hf, model
 from jaxgpt import tokenizer as tokenizer_lib
 from jaxgpt.config import GPTConfig
-from jaxgpt.generate import generate
+from jaxgpt.generate import pow2_bucket, generate
 
 
 class EvalError(ValueError):
@@ -52,7 +52,7 @@ def _score(params, x_BT, y_BT, mask_BT, cfg: GPTConfig):
     """Summed log-probability of the masked targets of each row, and whether every masked
     target is the argmax (greedy) token."""
     B, T = x_BT.shape
-    logits_NV = model.hidden(params, x_BT, cfg) @ params["wte"].T
+    logits_NV = model.forward(params, x_BT, cfg).reshape(B * T, -1)
     y_N, mask_N = y_BT.reshape(-1), mask_BT.reshape(-1)
     logp_N = jnp.take_along_axis(logits_NV, y_N[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits_NV, axis=-1)
     greedy_N = (jnp.argmax(logits_NV, axis=-1) == y_N) | (mask_N == 0)
@@ -60,7 +60,7 @@ def _score(params, x_BT, y_BT, mask_BT, cfg: GPTConfig):
 
 
 def _bucket(n: int, cap: int) -> int:
-    return min(max(16, 1 << (n - 1).bit_length()), cap)
+    return min(pow2_bucket(n, 16), cap)
 
 
 @register_model("jaxgpt")
