@@ -22,7 +22,7 @@ def _curves(run_dir: Path) -> dict:
     return {"train": train, "val": val, "tokens_per_step": tokens_per_step}
 
 
-def plot_runs(run_dirs: list[str], out: str, width_in: float = 12.0, height_in: float = 4.5, dpi: int = 100) -> Path:
+def plot_runs(run_dirs: list[str], out: str) -> Path:
     """Writes the figure to `out`; returns its path."""
     try:
         import matplotlib
@@ -32,7 +32,7 @@ def plot_runs(run_dirs: list[str], out: str, width_in: float = 12.0, height_in: 
     except ImportError:
         raise PlotError("plotting needs matplotlib: pip install matplotlib (or jaxgpt[plot])") from None
     runs = {d: _curves(Path(d)) for d in run_dirs}
-    fig, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(width_in, height_in), dpi=dpi)
+    fig, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(12.0, 4.5), dpi=100)
     for (name, c), color in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
         for ax, scale in ((by_step, 1), (by_tokens, c["tokens_per_step"])):
             if c["train"]:

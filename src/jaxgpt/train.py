@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgpt import checkpoint, data, flops, model, optim, runlog, sharding
 from jaxgpt import config as config_lib
-from jaxgpt.config import Config
+from jaxgpt.config import Config, GPTConfig
 
 EVAL_STREAM = 1 << 40  # eval batches draw from steps far past any training step
 
@@ -268,8 +268,8 @@ def _stop_requests(log: Callable[[str], None]):
             signal.signal(sig, h)
 
 
-def _config_differences(a, b, prefix: str = "model") -> list[str]:
-    return [f"{prefix}.{f.name} {getattr(a, f.name)!r} -> {getattr(b, f.name)!r}"
+def _config_differences(a: GPTConfig, b: GPTConfig) -> list[str]:
+    return [f"model.{f.name} {getattr(a, f.name)!r} -> {getattr(b, f.name)!r}"
             for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
 
 
