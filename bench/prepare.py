@@ -13,15 +13,15 @@ from pathlib import Path
 
 import datasets
 
-from jaxgpt import data
+from jaxgpt import prepare, sources
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def run(label: str, src: Path, out: Path, workers: int | None) -> None:
     t = time.perf_counter()
-    meta = data.prepare(data.resolve_source(str(src)), out, "gpt2", val_fraction=0.01, shard_size=10_000_000,
-                        workers=workers)
+    meta = prepare.prepare(sources.resolve_source(str(src)), out, "gpt2", val_fraction=0.01, shard_size=10_000_000,
+                           workers=workers)
     dt = time.perf_counter() - t
     tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
     mb = (meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"]) / 1e6

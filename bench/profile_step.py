@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from jaxgpt import config, model, optim, train
+from jaxgpt import config, model, optim, step
 
 
 def main():
@@ -29,18 +29,18 @@ def main():
     opt = optim.make_optimizer(cfg.optim)
     params = model.init_params(cfg.model, jax.random.key(0))
     opt_state = opt.init(params)
-    step = train.make_train_step(cfg, opt)
+    train_step = step.make_train_step(cfg, opt)
     B, T, V = cfg.data.batch_size, cfg.model.block_size, cfg.model.vocab_size
     x = np.random.default_rng(0).integers(0, V, (cfg.train.grad_accum, B, T)).astype(np.int32)
     print("cost analysis GFLOP/step:", step.lower(params, opt_state, x, x, 0).compile().cost_analysis()["flops"] / 1e9)
     for i in range(5):
-        params, opt_state, loss, _ = step(params, opt_state, x, x, i)
+        params, opt_state, loss, _ = train_step(params, opt_state, x, x, i)
     loss.block_until_ready()
     times = []
     with jax.profiler.trace(args.out, create_perfetto_trace=True):
         for i in range(args.steps):
             t = time.perf_counter()
-            params, opt_state, loss, _ = step(params, opt_state, x, x, i)
+            params, opt_state, loss, _ = train_step(params, opt_state, x, x, i)
             loss.block_until_ready()
             times.append(time.perf_counter() - t)
     print(f"median {1000 * np.median(times):.1f} ms/step over {args.steps} steps")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgpt import config, data, optim, train
+from jaxgpt import checkpoint, config, data, model, optim, prepare, sources, step, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -33,10 +33,10 @@ def side_by_side(cfg, ds, rounds: int, steps: int) -> tuple[list[float], list[fl
     torch.manual_seed(0)
     torch_step, _ = torch_gpt.make_step(cfg)
     opt = optim.make_optimizer(cfg.optim)
-    params = jax.jit(train.model.init_params, static_argnums=0)(cfg.model, jax.random.key(0))
+    params = jax.jit(model.init_params, static_argnums=0)(cfg.model, jax.random.key(0))
     opt_state = opt.init(params)
-    jax_step = train.make_train_step(cfg, opt)
-    batches = [train._batch(ds, cfg, i) for i in range(steps)]
+    jax_step = step.make_train_step(cfg, opt)
+    batches = [step.train_batch(ds, cfg, i) for i in range(steps)]
     jax_ms, torch_ms = [], []
     for r in range(rounds + 1):  # round 0 warms up (compilation, allocator)
         for x, y in batches:
@@ -61,13 +61,13 @@ def torch_train(cfg, ds, seed: int) -> float:
     import torch_gpt
 
     torch.manual_seed(seed)
-    step, evaluate = torch_gpt.make_step(cfg)
+    torch_step, evaluate = torch_gpt.make_step(cfg)
     schedule = optim.lr_schedule(cfg.optim)
     for it in range(cfg.train.max_iters):
-        x, y = train._batch(ds, cfg, it)
-        step(x[0], y[0], float(schedule(it)))
+        x, y = step.train_batch(ds, cfg, it)
+        torch_step(x[0], y[0], float(schedule(it)))
     B, T = cfg.data.batch_size, cfg.model.block_size
-    losses = [evaluate(*data.get_batch(ds, "val", B, T, cfg.train.seed, train.EVAL_STREAM + i))
+    losses = [evaluate(*data.get_batch(ds, "val", B, T, cfg.train.seed, step.EVAL_STREAM + i))
               for i in range(cfg.train.eval_iters)]
     return float(np.mean(losses))
 
@@ -82,7 +82,7 @@ def main():
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="jaxgpt-bench-"))
-    data.prepare(data.resolve_source("tinyshakespeare", str(CORPUS)), work / "data")
+    prepare.prepare(sources.resolve_source("tinyshakespeare", str(CORPUS)), work / "data")
     ds = data.open_dataset(work / "data")
     cfg = config.load("shakespeare-char-cpu")
     cfg = dataclasses.replace(
@@ -104,8 +104,8 @@ def main():
     wall = time.perf_counter() - t0
     records = [json.loads(s) for s in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     ms = [r["ms_per_step"] for r in records if "ms_per_step" in r and r["step"] > 0]
-    _, params, _ = train.checkpoint.load_params(work / "run", "latest")
-    exact = train.evaluate_split(params, ds, cfg, "val")
+    _, params, _ = checkpoint.load_params(work / "run", "latest")
+    exact = step.evaluate_split(params, ds, cfg, "val")
     print(f"train {args.iters} iters: val loss {result['val_loss']:.4f} (estimate over {cfg.train.eval_iters} "
           f"batches, as nanoGPT reports), exact val loss {exact['loss']:.4f} over the whole split; "
           f"median {np.median(ms):.1f} ms/iter (p10 {np.percentile(ms, 10):.1f}, p90 {np.percentile(ms, 90):.1f}); "

@@ -55,11 +55,11 @@ def main():
     ap.add_argument("--nanogpt", type=Path, help="a karpathy/nanoGPT checkout (needs torch)")
     args = ap.parse_args()
 
-    from jaxgpt import data
+    from jaxgpt import prepare, sources
 
     work = Path(tempfile.mkdtemp(prefix="jaxgpt-seeds-"))
     data_dir = work / "data" / "sc"  # nanoGPT reads data/<dataset>/ under its working directory
-    data.prepare(data.resolve_source("tinyshakespeare", str(CORPUS)), data_dir)
+    prepare.prepare(sources.resolve_source("tinyshakespeare", str(CORPUS)), data_dir)
     chars = json.loads((data_dir / "meta.json").read_text())["tokenizer"]["chars"]
     with open(data_dir / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),

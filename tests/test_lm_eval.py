@@ -171,7 +171,7 @@ def test_greedy_generations_are_the_same_strings(both):
 
 def test_model_registered_as_jaxgpt(hf_dir, task_dir, both):
     """By name, at batch 2: the same scores as the in-memory run of `both` (another batch size)."""
-    import jaxgpt  # noqa: F401 (importing jaxgpt registers the model)
+    import jaxgpt.lm_eval_model  # noqa: F401 (importing it registers the model)
 
     out = lm_eval.simple_evaluate(model="jaxgpt", model_args=f"pretrained={hf_dir}", tasks=["tiny_mc"], batch_size=2,
                                   task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
@@ -203,7 +203,7 @@ def test_task_errors_are_one_line(capsys, hf_dir, task_dir, tasks, expected):
     assert "\n" not in err and expected in err, err
 
 
-def test_hf_model_without_gpt2_vocabulary_is_refused(tmp_path):
+def test_hf_model_without_gpt2_vocabulary_is_refused(capsys, tmp_path, task_dir):
     """A char-level model exported to HF layout has no tokenizer lm-eval could use."""
     import jax
 
@@ -211,6 +211,7 @@ def test_hf_model_without_gpt2_vocabulary_is_refused(tmp_path):
     from jaxgpt.config import GPTConfig
 
     cfg = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=65, dropout=0.0, bias=True)
-    hf.save_hf(cfg, model.init_params(cfg, jax.random.key(0)), tmp_path)
-    with pytest.raises(lm_eval_model.EvalError, match="vocabulary of 65, not GPT-2's"):
-        lm_eval_model.load_model(tmp_path)
+    hf.save_hf(cfg, model.init_params(cfg, jax.random.key(0)), tmp_path / "hf")
+    args = ["eval", "--init-from", str(tmp_path / "hf"), "--tasks", "tiny_mc", "--include-path", str(task_dir)]
+    assert cli.main(args) == 1
+    assert "vocabulary of 65, not GPT-2's" in capsys.readouterr().err

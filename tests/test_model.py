@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import jax
@@ -53,7 +54,7 @@ def test_masked_loss_is_mean_over_kept_positions():
 def test_fused_attention_equals_plain_softmax_attention():
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(kk, (2, 16, 2, 8)) for kk in (k1, k2, k3))
-    fused = model._attention(q, k, v, 0.0, None)
+    fused = model._attention(q, k, v, math.sqrt(8), 0.0, None)
     s = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(8)
     s = jnp.where(jnp.tril(jnp.ones((16, 16), bool)), s, -jnp.inf)
     plain = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(s, -1), v)
@@ -89,3 +90,25 @@ def test_tiny_batch_overfits():
     for _ in range(300):
         params, state, loss = step(params, state)
     assert float(loss) < 0.1
+
+
+def test_dropout_and_remat_paths_honour_the_config_options():
+    """The attention written out for dropout, and remat, compute what the fused forward does."""
+    cfg = dataclasses.replace(CFG, n_inner=40, activation="relu", layer_norm_eps=1e-3, scale_attn_weights=False,
+                              scale_attn_by_inverse_layer_idx=True, dropout=1e-9)  # dropout that keeps everything
+    leaves, tree = jax.tree.flatten(model.init_params(cfg, jax.random.key(0)))
+    params = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(jax.random.key(i), x.shape)
+                                       for i, x in enumerate(leaves)])
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    plain = model.forward(params, tokens, cfg)
+    np.testing.assert_allclose(model.forward(params, tokens, cfg, jax.random.key(2)), plain, atol=1e-5)
+    default = model.forward(params, tokens, dataclasses.replace(cfg, activation="gelu_new"))
+    assert not np.allclose(default, plain, atol=1e-3)  # the options matter for these weights
+
+    def grads(key, remat):
+        return jax.jit(jax.grad(model.loss_fn), static_argnums=3, static_argnames="remat")(
+            params, tokens, jnp.roll(tokens, -1, axis=1), cfg, key, remat=remat)
+
+    want = grads(None, False)
+    for key, remat in [(None, True), (jax.random.key(2), False), (jax.random.key(2), True)]:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads(key, remat), want)

@@ -28,11 +28,11 @@ QUIET = {"log": lambda s: None}
 DRIVER = textwrap.dedent('''
     import os, signal, sys
     from orbax.checkpoint._src.path import atomicity
-    from jaxgpt import cli, train
+    from jaxgpt import cli, step
 
     what, n, *sigs = os.environ["KILL"].split(":")
     n = int(n)
-    batch = train._batch
+    batch = step.train_batch
 
     def hurt_batch(ds, cfg, it, *rows):
         if it == n and what == "batch":
@@ -49,7 +49,7 @@ DRIVER = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGKILL)
         return await finalize(self, *args, **kwargs)
 
-    train._batch = hurt_batch
+    step.train_batch = hurt_batch
     atomicity.AtomicRenameTemporaryPath.finalize = hurt_finalize
     sys.exit(cli.main(sys.argv[1:]))
 ''')
@@ -205,12 +205,12 @@ def test_a_run_dir_is_never_overwritten_silently(tmp_path, tiny_dataset, capsys)
 
 def test_resume_on_a_dataset_with_another_vocabulary(tmp_path, tiny_dataset, shakespeare_text, capsys):
     """The same vocabulary size with one character swapped: only the tokenizer check can see it."""
-    from jaxgpt import data
+    from jaxgpt import prepare, sources
 
     assert "z" in shakespeare_text and "~" not in shakespeare_text
     other = tmp_path / "other.txt"
     other.write_text(shakespeare_text.replace("z", "~"))
-    data.prepare(data.resolve_source(str(other)), tmp_path / "other")
+    prepare.prepare(sources.resolve_source(str(other)), tmp_path / "other")
     run_dir = tmp_path / "run"
     assert cli.main(train_args(tiny_dataset, run_dir, max_iters=4)) == 0
     assert cli.main([*train_args(tmp_path / "other", run_dir, max_iters=8), "--resume"]) == 1
@@ -238,3 +238,22 @@ def test_provenance_and_tensorboard(tmp_path, tiny_dataset):
     assert [s for s, _ in tags["loss"]] == sorted(losses)
     np.testing.assert_allclose([v for _, v in tags["loss"]], [losses[s] for s in sorted(losses)], rtol=1e-6)
     assert {"val_loss", "lr", "grad_norm", "tokens_per_s"} <= tags.keys()
+
+
+def snapshot(run_dir) -> dict:
+    """Every file of a run directory with its bytes and modification time."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_finished_run_changes_nothing_then_extends_it(tmp_path, tiny_dataset, reference, capsys):
+    run_dir = tmp_path / "run"
+    assert cli.main(train_args(tiny_dataset, run_dir, max_iters=8)) == 0
+    capsys.readouterr()
+    before = snapshot(run_dir)
+    assert cli.main([*train_args(tiny_dataset, run_dir, max_iters=8), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "complete at step 8" in out and "a larger --train.max-iters" in out and not err
+    assert snapshot(run_dir) == before
+    assert cli.main([*train_args(tiny_dataset, run_dir), "--resume"]) == 0  # 12 iterations: as the reference
+    assert train_losses(run_dir) == reference

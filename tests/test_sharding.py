@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import model, train
+from jaxgpt import model, step, train
 from jaxgpt.config import Config, ConfigError, DataConfig, GPTConfig, MeshConfig, OptimConfig, TrainConfig
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.1)
@@ -53,7 +53,7 @@ def eight_device_runs(data_dir: str, out_dir: str) -> dict:
 
     cfg = run_config(data_dir, Path(out_dir) / "unused", MESHES["fsdp8"])
     mesh, opt = sharding.make_mesh(cfg.mesh), optim.make_optimizer(cfg.optim)
-    sh = train.shardings(cfg, opt, mesh)
+    sh = step.shardings(cfg, opt, mesh)
     params = jax.jit(model.init_params, static_argnums=0, out_shardings=sh["params"])(cfg.model, jax.random.key(0))
     opt_state = jax.jit(opt.init, out_shardings=sh["opt_state"])(params)
     for what, tree in (("params", params), ("opt_state", opt_state)):

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint, config, data, model, optim, train
+from jaxgpt import checkpoint, config, data, model, optim, step, train
 from jaxgpt.config import Config, DataConfig, GPTConfig, OptimConfig, TrainConfig
 
 
@@ -51,7 +51,7 @@ def test_run_directory_and_checkpoints(tmp_path, tiny_dataset):
     _, params, meta = checkpoint.load_params(run, "best")
     assert (meta["step"], meta["val_loss"]) == (best["step"], best["val_loss"]) == (best["step"], result["best_val_loss"])
     ds = data.open_dataset(tiny_dataset)  # the best checkpoint holds the params that scored it
-    rescored = train.estimate_loss(train.make_eval_step(saved), params, train.estimate_batches(ds, saved))["val"]
+    rescored = step.estimate_loss(step.make_eval_step(saved), params, step.estimate_batches(ds, saved))["val"]
     assert rescored == pytest.approx(best["val_loss"], rel=1e-6)
     _, _, meta = checkpoint.load_params(run, "latest")
     assert meta["step"] == 20
@@ -78,13 +78,13 @@ def test_grad_accumulation_matches_one_big_batch(tiny_dataset):
     ds = data.open_dataset(tiny_dataset)
     base = train.with_data_vocab(base, ds)
     params = model.init_params(base.model, jax.random.key(0))
-    x, y = train._batch(ds, dataclasses.replace(base, train=dataclasses.replace(base.train, grad_accum=2)), 0)
+    x, y = step.train_batch(ds, dataclasses.replace(base, train=dataclasses.replace(base.train, grad_accum=2)), 0)
     opt = optim.make_optimizer(base.optim)
 
     accum = dataclasses.replace(base, train=dataclasses.replace(base.train, grad_accum=2))
-    p_acc, _, loss_acc, stats_acc = train.make_train_step(accum, opt)(
+    p_acc, _, loss_acc, stats_acc = step.make_train_step(accum, opt)(
         jax.tree.map(lambda a: a.copy(), params), opt.init(params), x, y, 3)
-    p_one, _, loss_one, stats_one = train.make_train_step(base, opt)(
+    p_one, _, loss_one, stats_one = step.make_train_step(base, opt)(
         jax.tree.map(lambda a: a.copy(), params), opt.init(params), x.reshape(1, 8, -1), y.reshape(1, 8, -1), 3)
     np.testing.assert_allclose(float(loss_acc), float(loss_one), rtol=1e-5)
     np.testing.assert_allclose(float(stats_acc["grad_norm"]), float(stats_one["grad_norm"]), rtol=1e-4)
@@ -114,6 +114,6 @@ def test_exact_eval_matches_forward(tiny_dataset):
         logp = jax.nn.log_softmax(model.forward(params, x, cfg.model))
         nll.append(-np.take_along_axis(np.asarray(logp), y[..., None], -1).ravel())
     want = np.concatenate(nll).mean()
-    got = train.evaluate_split(params, ds, cfg, "val")
+    got = step.evaluate_split(params, ds, cfg, "val")
     assert got["tokens"] == val.size - 1
     np.testing.assert_allclose(got["loss"], want, rtol=1e-5)

@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import checkpoint, cli, data, model, runlog, train
-from jaxgpt.config import EvalConfig
+from jaxgpt import checkpoint, cli, data, hooks, model, train
+from jaxgpt.config import Config, ConfigError, EvalConfig
 
 from test_train import tiny_config
 
@@ -57,7 +57,7 @@ def run(tmp_path_factory, tiny_dataset, shakespeare_text):
     with pytest.MonkeyPatch.context() as mp:  # see what reaches wandb (the real Run.log runs too)
         mp.setattr(wandb.sdk.wandb_run.Run, "log",
                    lambda self, d, step=None, **kw: (logged.append((step, d)), log(self, d, step=step, **kw))[1])
-        train.train(cfg, log=logs.append)
+        train.train(cfg, log=logs.append, hooks=hooks.from_config(cfg))
     return tmp / "run", cfg, logs, logged
 
 
@@ -68,10 +68,10 @@ def test_layer_stats_agree_with_the_step(run):
     assert {f"{n}.{s}" for n in layers for s in ("param_norm", "grad_norm", "update_ratio")} <= set(rec)
 
     mcfg = train.with_data_vocab(cfg, data.open_dataset(cfg.data.dir)).model
-    p0 = train._layer_groups(model.init_params(mcfg, jax.random.key(cfg.train.seed)))
+    p0 = hooks.layer_groups(model.init_params(mcfg, jax.random.key(cfg.train.seed)))
     mngr = checkpoint.managers(run_dir, keep=5)["latest"]
     params, _, _ = checkpoint.restore(mngr, 1, model.abstract_params(mcfg))
-    p1 = train._layer_groups(params)  # after step 0's update
+    p1 = hooks.layer_groups(params)  # after step 0's update
     # the step's own global gradient norm is the norm of the layers' norms
     assert math.sqrt(sum(rec[f"{n}.grad_norm"] ** 2 for n in layers)) == pytest.approx(rec["grad_norm"], rel=1e-5)
     for n in layers:
@@ -87,8 +87,8 @@ def test_profile_steps_write_a_perfetto_trace(run):
     assert len(traces) == 1 and "profile of steps 2-3 written to" in "\n".join(logs)
     events = json.loads(gzip.decompress(open(traces[0], "rb").read()))
     assert any(e.get("ph") == "X" for e in events["traceEvents"])  # timed kernel events
-    with pytest.raises(train.TrainError, match="give START:END with START < END"):
-        train._step_range("3:1")
+    with pytest.raises(ConfigError, match="give START:END with START < END"):
+        hooks.step_range("3:1")
 
 
 def test_wandb_offline_gets_the_metrics(run):
@@ -102,11 +102,12 @@ def test_wandb_offline_gets_the_metrics(run):
 def test_wandb_without_network_falls_back_to_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setattr(runlog, "WANDB_HOST", ("127.0.0.1", 9))  # nothing listens there
+    monkeypatch.setattr(hooks, "WANDB_HOST", ("127.0.0.1", 9))  # nothing listens there
     logs = []
-    rlog = runlog.RunLog(tmp_path, {}, None, wandb_project="p", config={}, log=logs.append)
-    rlog.write({"step": 0, "loss": 1.5})
-    rlog.close()
+    hook = hooks.Wandb("p", tmp_path)
+    hook.begin(Config(), None, 0, logs.append)
+    hook.record({"step": 0, "loss": 1.5})
+    hook.end("finished")
     notes = [s for s in logs if s.startswith("wandb:")]
     assert len(notes) == 1 and "unreachable, logging offline" in notes[0] and "\n" not in notes[0]
     assert glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
@@ -138,3 +139,13 @@ def test_lm_eval_tasks_during_training(run):
     for metric in ("bits_per_byte,none", "word_perplexity,none"):
         want = fresh["results"]["shakespeare_roll"][metric]
         assert np.isfinite(want) and logged[4][f"shakespeare_roll/{metric}"] == pytest.approx(want, rel=1e-6)
+
+
+def test_the_loop_imports_no_extra():
+    """Extras come in as hooks: importing the loop pulls in neither lm-eval nor wandb."""
+    import subprocess
+    import sys
+
+    code = "import sys, jaxgpt.train; print([m for m in ('lm_eval', 'wandb', 'jaxgpt.lm_eval_model') if m in sys.modules])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr

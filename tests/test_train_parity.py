@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxgpt import hf, optim, train
+from jaxgpt import hf, optim, step
 from jaxgpt.config import Config, DataConfig, OptimConfig
 
 torch = pytest.importorskip("torch")
@@ -37,7 +37,7 @@ def test_training_matches_pytorch_step_for_step(tmp_path):
     mcfg, params = hf.load_hf(tmp_path)
     cfg = Config(model=dataclasses.replace(mcfg, dropout=0.0), data=DataConfig(batch_size=4), optim=OPT)
     opt = optim.make_optimizer(OPT)
-    step = train.make_train_step(cfg, opt)
+    train_step = step.make_train_step(cfg, opt)
     opt_state = opt.init(params)
 
     decay = [p for p in hf_model.parameters() if p.dim() >= 2]
@@ -49,7 +49,7 @@ def test_training_matches_pytorch_step_for_step(tmp_path):
     for it in range(30):
         xy = batches[it % 3]  # few enough to memorize, so the loss falls
         x, y = xy[..., :-1], xy[..., 1:]
-        params, opt_state, loss, _ = step(params, opt_state, x, y, it)
+        params, opt_state, loss, _ = train_step(params, opt_state, x, y, it)
         jax_losses.append(float(loss))
 
         for group in torch_opt.param_groups:

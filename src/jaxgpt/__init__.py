@@ -1,31 +1,51 @@
-"""jaxgpt: a readable, fast GPT in pure JAX."""
+"""jaxgpt: a readable, fast GPT in pure JAX.
 
-from jaxgpt.config import Config, GPTConfig
-from jaxgpt.generate import generate
-from jaxgpt.hf import load_hf, save_hf
-from jaxgpt.model import abstract_params, count_params, forward, init_params, loss_fn
-from jaxgpt.tokenizer import get_tokenizer
+The public API below is imported on first use, so `import jaxgpt` (and `jaxgpt --help`)
+does not pay for importing JAX."""
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Config",
-    "GPTConfig",
-    "abstract_params",
-    "count_params",
-    "forward",
-    "generate",
-    "get_tokenizer",
-    "init_params",
-    "load_hf",
-    "loss_fn",
-    "save_hf",
-]
+_API = {
+    "Config": "config",
+    "GPTConfig": "config",
+    "abstract_params": "model",
+    "count_params": "model",
+    "forward": "model",
+    "init_params": "model",
+    "loss_fn": "model",
+    "generate": "generate",
+    "load_hf": "hf",
+    "save_hf": "hf",
+    "load_model": "load",
+    "get_tokenizer": "tokenizer",
+}
 
-try:  # lm-evaluation-harness finds --model jaxgpt once jaxgpt is imported (its import waits until used)
-    import lm_eval.models  # the built-in models first: lm-eval loads them only into an empty registry
-    from lm_eval.api.registry import model_registry
-except ImportError:
-    pass
-else:
-    model_registry.register("jaxgpt", target="jaxgpt.lm_eval_model:JaxGPTLM")
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'jaxgpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"jaxgpt.{_API[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
+
+class _Package(types.ModuleType):
+    """Keeps `jaxgpt.generate` the function: importing the submodule of that name would
+    otherwise set the package's attribute to the module."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if not (name in _API and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

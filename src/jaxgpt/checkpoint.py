@@ -14,10 +14,10 @@ import orbax.checkpoint as ocp
 
 from jaxgpt import config as config_lib
 from jaxgpt import model
-from jaxgpt import tokenizer as tokenizer_lib
+from jaxgpt.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """No usable checkpoint where the user pointed."""
 
 
@@ -103,8 +103,3 @@ def load_params(run_dir: str | Path, which: str = "best"):
         ) from None
     return cfg, params, meta
 
-
-def load_model(run_dir: str | Path, which: str = "best"):
-    """(model config, params, tokenizer) of a run's best or latest checkpoint."""
-    cfg, params, _ = load_params(run_dir, which)
-    return cfg.model, params, tokenizer_lib.tokenizer_from_meta(data_meta(run_dir)["tokenizer"], Path(cfg.data.dir))

@@ -210,16 +210,16 @@ def _one_line(boxed: str, prog: str) -> str:
 
 
 def cmd_prepare(argv: list[str]) -> None:
-    from jaxgpt import data
+    from jaxgpt import prepare, sources
 
     args = _parse(PrepareArgs, argv, "jaxgpt prepare")
-    source = data.resolve_source(args.source, args.input, split=args.split, text_field=args.text_field)
+    source = sources.resolve_source(args.source, args.input, split=args.split, text_field=args.text_field)
     suffix = "" if args.encoding == "char" else "-" + re.sub(r"[^\w.-]+", "_", args.encoding.split("/")[-1])
     out = Path(args.out or f"data/{source.name}{suffix}")
     tty = sys.stderr.isatty()
-    meta = data.prepare(source, out, args.encoding, args.val_fraction, args.shard_size, args.workers,
-                        progress=lambda s: tty and print(f"\r{s}", end="", file=sys.stderr, flush=True),
-                        max_tokens=args.max_tokens, log=lambda s: print(s, file=sys.stderr))
+    meta = prepare.prepare(source, out, args.encoding, args.val_fraction, args.shard_size, args.workers,
+                           progress=lambda s: tty and print(f"\r{s}", end="", file=sys.stderr, flush=True),
+                           max_tokens=args.max_tokens, log=lambda s: print(s, file=sys.stderr))
     if tty:
         print(file=sys.stderr)
     s = meta["splits"]
@@ -228,7 +228,7 @@ def cmd_prepare(argv: list[str]) -> None:
 
 
 def cmd_train(argv: list[str]) -> None:
-    from jaxgpt import train
+    from jaxgpt import hooks, train
 
     preset = argv[0] if argv and not argv[0].startswith("-") else TrainArgs.preset
     while True:  # the preset gives the defaults the flags override; parse again if tyro found another
@@ -237,7 +237,7 @@ def cmd_train(argv: list[str]) -> None:
             break
         preset = args.preset
     cfg = args.resolved()
-    result = train.train(cfg, resume=args.resume, force=args.force)
+    result = train.train(cfg, resume=args.resume, force=args.force, hooks=hooks.from_config(cfg))
     if result["status"] == "finished":
         print(f"done: val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}); "
               f"run in {cfg.train.out_dir}")
@@ -253,19 +253,12 @@ def _read_prompt(prompt: str) -> str:
 
 
 def _load_model(out_dir: str | None, init_from: str | None, which: str = "best"):
-    """(model config, params, tokenizer) of a run directory or of a Hugging Face GPT-2."""
-    from jaxgpt import checkpoint, hf
+    """(model config, params, tokenizer) of --out-dir or --init-from, exactly one of them."""
+    from jaxgpt import load
 
     if (out_dir is None) == (init_from is None):
         raise config_lib.ConfigError("give either --out-dir RUN_DIR or --init-from gpt2|HF_DIR")
-    if out_dir is not None:
-        return checkpoint.load_model(out_dir, which)
-    model_cfg, params, tok = hf.load_hf_model(init_from)
-    if tok is None:
-        raise config_lib.ConfigError(
-            f"{init_from} has a vocabulary of {model_cfg.vocab_size}, not GPT-2's: sample from its run directory"
-        )
-    return model_cfg, params, tok
+    return load.load_model(out_dir or init_from, which)
 
 
 def cmd_sample(argv: list[str]) -> None:
@@ -299,7 +292,7 @@ def cmd_sample(argv: list[str]) -> None:
 
 
 def cmd_eval(argv: list[str]) -> None:
-    from jaxgpt import checkpoint, data, train
+    from jaxgpt import checkpoint, data, step
 
     args = _parse(EvalArgs, argv, "jaxgpt eval")
     if args.tasks is not None:
@@ -315,7 +308,7 @@ def cmd_eval(argv: list[str]) -> None:
         )
     if args.batch_size is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=args.batch_size))
-    result = train.evaluate_split(params, ds, cfg, args.split)
+    result = step.evaluate_split(params, ds, cfg, args.split)
     result.update(bits_per_byte=ds.bits_per_byte(result["loss"], args.split), split=args.split, step=meta["step"])
     if args.json:
         print(json.dumps(result))
@@ -333,10 +326,8 @@ def _eval_tasks(args: EvalArgs) -> None:
         raise config_lib.ConfigError("--tasks needs lm-evaluation-harness: pip install 'jaxgpt[eval]'") from None
     from lm_eval.utils import make_table
 
-    if (args.out_dir is None) == (args.init_from is None):
-        raise config_lib.ConfigError("give either --out-dir RUN_DIR or --init-from HF_DIR")
-    lm = lm_eval_model.JaxGPTLM(args.out_dir or args.init_from, batch_size=args.batch_size or 16,
-                                checkpoint=args.checkpoint)
+    lm = lm_eval_model.JaxGPTLM(loaded=_load_model(args.out_dir, args.init_from, args.checkpoint),
+                                batch_size=args.batch_size or 16)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     out = lm_eval_model.evaluate(lm, tasks, args.limit, args.include_path)
     if args.json:
@@ -353,32 +344,29 @@ def cmd_lm_eval(argv: list[str]) -> None:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
         raise config_lib.ConfigError("lm-eval needs lm-evaluation-harness: pip install 'jaxgpt[eval]'") from None
-    import jaxgpt  # noqa: F401 (registers --model jaxgpt)
+    import jaxgpt.lm_eval_model  # noqa: F401 (registers --model jaxgpt)
 
     sys.argv = ["lm_eval", *argv]
     cli_evaluate()
 
 
 def cmd_convert(argv: list[str]) -> None:
-    from jaxgpt import checkpoint, hf
+    from jaxgpt import hf, load
 
     args = _parse(ConvertArgs, argv, "jaxgpt convert")
-    if (Path(args.src) / "config.toml").is_file():
-        model_cfg, params, tok = checkpoint.load_model(args.src, args.checkpoint)
-    else:
-        model_cfg, params, tok = hf.load_hf_model(args.src)
+    model_cfg, params, tok = load.load_model(args.src, args.checkpoint, need_tokenizer=False)
     hf.save_hf(model_cfg, params, args.dst, tokenizer=tok)
     print(f"wrote {args.dst}: GPT-2 with {model_cfg.n_layer} layers, width {model_cfg.n_embd}, "
           f"vocabulary {model_cfg.vocab_size}")
 
 
 def cmd_info(argv: list[str]) -> None:
-    from jaxgpt import checkpoint, train
+    from jaxgpt import checkpoint, step
 
     args = _parse(InfoArgs, argv, "jaxgpt info")
     target = Path(args.target)
     cfg = checkpoint.run_config(target) if (target / "config.toml").is_file() else config_lib.load(args.target)
-    info = train.describe(cfg)
+    info = step.describe(cfg)
     m = cfg.model
     print(f"model: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, context {m.block_size}, "
           f"vocabulary {m.vocab_size}")
@@ -439,13 +427,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    from jaxgpt import checkpoint, data, hf, plot, tokenizer, train
-    from jaxgpt.generate import GenerateError
+    from jaxgpt.errors import UserError
 
-    user_errors = (config_lib.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError,
-                   train.TrainError, hf.HFError, plot.PlotError, GenerateError, OSError)
-    lm_eval_model = sys.modules.get("jaxgpt.lm_eval_model")  # loaded only when lm-eval is used
-    return isinstance(e, user_errors + ((lm_eval_model.EvalError,) if lm_eval_model else ()))
+    return isinstance(e, (UserError, OSError))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ import types
 import typing
 from pathlib import Path
 
+from jaxgpt.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A user-fixable problem with a configuration (unknown key, wrong type, bad value)."""
 
 
@@ -27,6 +29,16 @@ class GPTConfig:
     vocab_size: int = 50257
     dropout: float = 0.0
     bias: bool = True
+    n_inner: int | None = None
+    """Width of the MLP's hidden layer (unset: 4 * n_embd)."""
+    activation: typing.Literal["gelu_new", "gelu", "relu"] = "gelu_new"
+    """The MLP's activation: gelu_new (GPT-2's tanh approximation), gelu (exact, with erf) or relu."""
+    layer_norm_eps: float = 1e-5
+    """The epsilon added to the variance in every LayerNorm."""
+    scale_attn_weights: bool = True
+    """Divide attention scores by sqrt(head width)."""
+    scale_attn_by_inverse_layer_idx: bool = False
+    """Also divide layer i's attention scores by i + 1 (counting from 0), as GPT2Config's option of that name."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxgpt import model
 from jaxgpt.config import GPTConfig
+from jaxgpt.errors import UserError
 
 
 def pow2_bucket(n: int, minimum: int = 1) -> int:
@@ -165,7 +166,7 @@ def _grow_cache(state, slots: int):
 _transpose_kernels = jax.jit(model.transpose_kernels)
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError):
     """A request generate cannot serve: the message names the argument and the fix."""
 
 

@@ -21,33 +21,41 @@ import safetensors.numpy
 from jaxgpt import model
 from jaxgpt import tokenizer as tokenizer_lib
 from jaxgpt.config import GPTConfig
+from jaxgpt.errors import UserError
 
 
-class HFError(ValueError):
+class HFError(UserError):
     """A checkpoint that is missing, unreachable or not a GPT-2 jaxgpt can run."""
 
 
+# GPT2Config's activation_function -> GPTConfig's activation. gelu_pytorch_tanh is gelu_new
+# computed by torch: the same tanh approximation.
+_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+
+
 def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
-    """The GPTConfig of an HF GPT-2 config.json; an error for anything jaxgpt computes differently."""
+    """The GPTConfig of an HF GPT-2 config.json; an error for anything jaxgpt computes differently.
+
+    reorder_and_upcast_attn is accepted as it is: jaxgpt computes attention scores in float32 always."""
     if hf.get("model_type") != "gpt2":
         raise HFError(f"{where} has model_type {hf.get('model_type')!r}; jaxgpt loads only GPT-2 ('gpt2')")
     n_embd = hf.get("n_embd", 768)
-    unsupported = {
-        # gelu_pytorch_tanh is gelu_new computed by torch: the same tanh approximation.
-        "activation_function": hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
-        "n_inner": hf.get("n_inner") not in (None, 4 * n_embd),
-        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
-        "tie_word_embeddings": not hf.get("tie_word_embeddings", True),
-        "scale_attn_weights": not hf.get("scale_attn_weights", True),
-        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
-        "add_cross_attention": hf.get("add_cross_attention", False),
+    n_inner = hf.get("n_inner")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    unsupported = {  # key -> (whether its value is unsupported, what is)
+        "activation_function": (hf.get("activation_function", "gelu_new") not in _ACTIVATIONS,
+                                "supported: " + ", ".join(_ACTIVATIONS)),
+        "n_inner": (n_inner is not None and (type(n_inner) is not int or n_inner < 1),
+                    "supported: a positive integer, or null for 4 * n_embd"),
+        "layer_norm_epsilon": (type(eps) not in (int, float) or eps < 0, "supported: a number >= 0"),
+        "tie_word_embeddings": (not hf.get("tie_word_embeddings", True),
+                                "supported: true; jaxgpt's output layer is the token embedding"),
+        "add_cross_attention": (hf.get("add_cross_attention", False),
+                                "supported: false; jaxgpt's GPT-2 is decoder-only"),
     }
-    for key, bad in unsupported.items():
+    for key, (bad, supported) in unsupported.items():
         if bad:
-            raise HFError(
-                f"{where} sets {key} = {hf[key]!r}, which jaxgpt's GPT-2 does not support "
-                "(it computes gelu_new, n_inner = 4 * n_embd, layer_norm_epsilon 1e-5, tied embeddings)"
-            )
+            raise HFError(f"{where} sets {key} = {hf[key]!r}, which jaxgpt's GPT-2 does not support ({supported})")
     return GPTConfig(
         n_layer=hf.get("n_layer", 12),
         n_head=hf.get("n_head", 12),
@@ -56,6 +64,11 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
         vocab_size=hf.get("vocab_size", 50257),
         dropout=float(hf.get("resid_pdrop", 0.1)),
         bias=True,  # HF's GPT-2 always has biases
+        n_inner=n_inner,
+        activation=_ACTIVATIONS[hf.get("activation_function", "gelu_new")],
+        layer_norm_eps=float(eps),
+        scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
+        scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
     )
 
 
@@ -71,14 +84,15 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",
+        "n_inner": cfg.n_inner,
+        "activation_function": cfg.activation,
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
-        "layer_norm_epsilon": 1e-5,
+        "layer_norm_epsilon": cfg.layer_norm_eps,
         "initializer_range": 0.02,
-        "scale_attn_weights": True,
+        "scale_attn_weights": cfg.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_inverse_layer_idx,
         "tie_word_embeddings": True,
         "bos_token_id": eot,
         "eos_token_id": eot,
@@ -179,13 +193,6 @@ def load_hf(path_or_name: str | Path) -> tuple[GPTConfig, dict]:
             raise HFError(f"{directory}: {name} has shape {tensors[name].shape}, config.json implies {x.shape}")
     leaves = [jnp.asarray(tensors.pop(name), jnp.float32) for name in expected]
     return cfg, jax.tree.unflatten(jax.tree.structure(abstract), leaves)
-
-
-def load_hf_model(path_or_name: str | Path):
-    """(config, params, tokenizer) of an HF GPT-2 checkpoint; the tokenizer is GPT-2's where
-    the vocabulary holds it, else None (e.g. a char-level model jaxgpt exported)."""
-    cfg, params = load_hf(path_or_name)
-    return cfg, params, tokenizer_lib.get_tokenizer("gpt2") if cfg.vocab_size >= 50257 else None
 
 
 def init_from(path_or_name: str | Path, cfg: GPTConfig) -> tuple[GPTConfig, dict]:

@@ -1,6 +1,6 @@
 """jaxgpt as a model of EleutherAI's lm-evaluation-harness (`pip install 'jaxgpt[eval]'`).
 
-    import jaxgpt, lm_eval
+    import jaxgpt.lm_eval_model, lm_eval
     lm_eval.simple_evaluate(model="jaxgpt", model_args="pretrained=out/run", tasks=["hellaswag"])
 
 `pretrained` is a jaxgpt run directory or a Hugging Face GPT-2 directory. Requests are
@@ -9,14 +9,14 @@ trailing spaces moved to the continuation), sorted by length and scored in batch
 `batch_size` rows padded to a power-of-two length, so each shape compiles once.
 Generation is greedy unless a task asks for sampling, through `jaxgpt.generate`.
 
-lm-eval 0.4 finds models only in its own registry: importing jaxgpt registers "jaxgpt"
-there, and `jaxgpt lm-eval run --model jaxgpt ...` is lm-eval's own command line with it
+lm-eval 0.4 finds models only in its own registry: importing this module registers
+"jaxgpt" there (`import jaxgpt` alone does not, so that it never pays for lm-eval's
+import), and `jaxgpt lm-eval run --model jaxgpt ...` is lm-eval's own command line with it
 registered.
 """
 
 import functools
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,25 +26,15 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from jaxgpt import checkpoint, hf, model
+from jaxgpt import load, model
 from jaxgpt import tokenizer as tokenizer_lib
 from jaxgpt.config import GPTConfig
+from jaxgpt.errors import UserError
 from jaxgpt.generate import pow2_bucket, generate
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """An evaluation that cannot run as asked (unknown task, data not available offline, ...)."""
-
-
-def load_model(path: str | Path, which: str = "best"):
-    """(model config, params, tokenizer) of a jaxgpt run directory or a Hugging Face GPT-2 directory."""
-    if (Path(path) / "config.toml").is_file():
-        return checkpoint.load_model(path, which)
-    model_cfg, params, tok = hf.load_hf_model(path)
-    if tok is None:
-        raise EvalError(f"{path} has a vocabulary of {model_cfg.vocab_size}, not GPT-2's, and no tokenizer "
-                        "of its own: evaluate its run directory instead")
-    return model_cfg, params, tok
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -74,7 +64,7 @@ class JaxGPTLM(TemplateLM):
         super().__init__()
         if (pretrained is None) == (loaded is None):
             raise EvalError("give the model as model_args pretrained=RUN_DIR or pretrained=HF_GPT2_DIR")
-        self.cfg, self.params, self.tok = loaded or load_model(pretrained, checkpoint)
+        self.cfg, self.params, self.tok = loaded or load.load_model(pretrained, checkpoint)
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise EvalError(f"batch_size {batch_size!r} is not supported by jaxgpt: give a positive number")
         self._batch_size = int(batch_size)

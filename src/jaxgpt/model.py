@@ -1,6 +1,6 @@
 """GPT-2: a params pytree and pure functions of (params, tokens, config).
 
-Shapes live in names: B batch, T time, D width, H heads, K head width, F MLP width (4·D),
+Shapes live in names: B batch, T time, D width, H heads, K head width, F MLP width (n_inner, 4·D by default),
 V vocab, N = B·T tokens. Matmuls run on 2-D [N, D] activations: XLA:CPU computes
 their gradients far faster than those of 3-D ones (see FACTS.md).
 
@@ -9,6 +9,7 @@ under `compute_dtype`), the matmuls run in bfloat16 while LayerNorm statistics, 
 logits and the loss stay float32.
 """
 
+import functools
 import math
 
 import jax
@@ -36,6 +37,7 @@ def _norm_init(d: int, bias: bool) -> dict:
 def init_params(cfg: GPTConfig, key: jax.Array) -> Params:
     """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layer)."""
     D, std = cfg.n_embd, 0.02
+    F = cfg.n_inner if cfg.n_inner is not None else 4 * D
     proj_std = std / math.sqrt(2 * cfg.n_layer)
     k_wte, k_wpe, *k_layers = jax.random.split(key, 2 + cfg.n_layer)
     blocks = []
@@ -49,8 +51,8 @@ def init_params(cfg: GPTConfig, key: jax.Array) -> Params:
             },
             "ln_2": _norm_init(D, cfg.bias),
             "mlp": {
-                "c_fc": _dense_init(k_fc, D, 4 * D, std, cfg.bias),
-                "c_proj": _dense_init(k_proj, 4 * D, D, proj_std, cfg.bias),
+                "c_fc": _dense_init(k_fc, D, F, std, cfg.bias),
+                "c_proj": _dense_init(k_proj, F, D, proj_std, cfg.bias),
             },
         })
     return {
@@ -87,7 +89,7 @@ def _dense(p: dict, x_ND: jax.Array) -> jax.Array:
     return y + p["bias"] if "bias" in p else y
 
 
-def _layer_norm(p: dict, x_ND: jax.Array, eps: float = 1e-5) -> jax.Array:
+def _layer_norm(p: dict, x_ND: jax.Array, eps: float) -> jax.Array:
     """LayerNorm in float32, returned in the input's dtype."""
     x32_ND = x_ND.astype(jnp.float32)
     mean_N1 = x32_ND.mean(-1, keepdims=True)
@@ -104,41 +106,56 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-def _attention(q_BTHK, k_BTHK, v_BTHK, rate: float, key: jax.Array | None) -> jax.Array:
-    """Causal softmax attention. Without dropout it is `jax.nn.dot_product_attention`."""
+def _score_divisor(cfg: GPTConfig, layer: int) -> float:
+    """What layer `layer`'s attention scores are divided by, as in transformers' GPT-2."""
+    divisor = math.sqrt(cfg.n_embd // cfg.n_head) if cfg.scale_attn_weights else 1.0
+    return divisor * (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else divisor
+
+
+def _attention(q_BTHK, k_BTHK, v_BTHK, divisor: float, rate: float, key: jax.Array | None) -> jax.Array:
+    """Causal softmax attention of scores q·k / `divisor`, computed in float32 whatever the
+    inputs' dtype. Without dropout it is `jax.nn.dot_product_attention`."""
     if key is None or rate == 0.0:
-        return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)
-    T, K = q_BTHK.shape[1], q_BTHK.shape[3]
-    s_BHTT = jnp.einsum("bqhk,bshk->bhqs", q_BTHK, k_BTHK, preferred_element_type=jnp.float32) / math.sqrt(K)
+        return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, scale=1 / divisor, is_causal=True)
+    T = q_BTHK.shape[1]
+    s_BHTT = jnp.einsum("bqhk,bshk->bhqs", q_BTHK, k_BTHK, preferred_element_type=jnp.float32) / divisor
     causal_TT = jnp.tril(jnp.ones((T, T), bool))
     s_BHTT = jnp.where(causal_TT, s_BHTT, jnp.finfo(s_BHTT.dtype).min)
     p_BHTT = _dropout(jax.nn.softmax(s_BHTT, axis=-1), rate, key).astype(v_BTHK.dtype)
     return jnp.einsum("bhqs,bshk->bqhk", p_BHTT, v_BTHK)
 
 
-def _qkv(p: dict, x_ND: jax.Array, B: int, H: int) -> list[jax.Array]:
+def _qkv(p: dict, x_ND: jax.Array, B: int, cfg: GPTConfig) -> list[jax.Array]:
     """The block's queries, keys and values, each [B, T, H, K]."""
-    N, D = x_ND.shape
-    qkv_N3D = _dense(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x_ND))
+    (N, D), H = x_ND.shape, cfg.n_head
+    qkv_N3D = _dense(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x_ND, cfg.layer_norm_eps))
     return [a.reshape(B, N // B, H, D // H) for a in jnp.split(qkv_N3D, 3, axis=-1)]
 
 
-def _mlp_residual(p: dict, x_ND: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    h_NF = jax.nn.gelu(_dense(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x_ND)), approximate=True)
-    return x_ND + _dropout(_dense(p["mlp"]["c_proj"], h_NF), rate, key)
+_ACTIVATIONS = {
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+}
 
 
-def _block(p: dict, x_ND: jax.Array, B: int, cfg: GPTConfig, key: jax.Array | None) -> jax.Array:
+def _mlp_residual(p: dict, x_ND: jax.Array, cfg: GPTConfig, key: jax.Array | None) -> jax.Array:
+    h_NF = _ACTIVATIONS[cfg.activation](_dense(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x_ND, cfg.layer_norm_eps)))
+    return x_ND + _dropout(_dense(p["mlp"]["c_proj"], h_NF), cfg.dropout, key)
+
+
+def _block(p: dict, x_ND: jax.Array, B: int, cfg: GPTConfig, layer: int, key: jax.Array | None) -> jax.Array:
     k_attn, k_resid1, k_resid2 = jax.random.split(key, 3) if key is not None else (None,) * 3
-    q_BTHK, k_BTHK, v_BTHK = _qkv(p, x_ND, B, cfg.n_head)
-    y_ND = _attention(q_BTHK, k_BTHK, v_BTHK, cfg.dropout, k_attn).reshape(x_ND.shape)
+    q_BTHK, k_BTHK, v_BTHK = _qkv(p, x_ND, B, cfg)
+    y_ND = _attention(q_BTHK, k_BTHK, v_BTHK, _score_divisor(cfg, layer), cfg.dropout, k_attn).reshape(x_ND.shape)
     x_ND = x_ND + _dropout(_dense(p["attn"]["c_proj"], y_ND), cfg.dropout, k_resid1)
-    return _mlp_residual(p, x_ND, cfg.dropout, k_resid2)
+    return _mlp_residual(p, x_ND, cfg, k_resid2)
 
 
 # Under remat, a block keeps the outputs of its weight matmuls and recomputes the cheap
 # rest (LayerNorm, GELU, attention scores) in the backward pass.
-_block_remat = jax.checkpoint(_block, static_argnums=(2, 3), policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+_block_remat = jax.checkpoint(_block, static_argnums=(2, 3, 4),
+                              policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
 def hidden(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None, *,
@@ -152,9 +169,9 @@ def hidden(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array 
     keys = jax.random.split(key, cfg.n_layer + 1) if key is not None else [None] * (cfg.n_layer + 1)
     x_ND = _dropout(x_BTD.reshape(B * T, -1), cfg.dropout, keys[0])
     block = _block_remat if remat else _block
-    for p_block, k in zip(params["h"], keys[1:]):
-        x_ND = block(p_block, x_ND, B, cfg, k)
-    return _layer_norm(params["ln_f"], x_ND)
+    for layer, (p_block, k) in enumerate(zip(params["h"], keys[1:])):
+        x_ND = block(p_block, x_ND, B, cfg, layer, k)
+    return _layer_norm(params["ln_f"], x_ND, cfg.layer_norm_eps)
 
 
 def forward(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None) -> jax.Array:
@@ -222,18 +239,17 @@ def grow_cache(cache: dict, length: int) -> dict:
     }
 
 
-def _block_cached(p: dict, x_ND, kv: tuple, index, mask_B1TS, cfg: GPTConfig):
-    """A block whose attention reads its layer's cache `kv` after writing this call's keys
+def _block_cached(p: dict, x_ND, kv: tuple, index, mask_B1TS, cfg: GPTConfig, layer: int):
+    """Block `layer`, whose attention reads its cache `kv` after writing this call's keys
     and values at slot `index`, seeing the slots `mask_B1TS` allows; returns (x_ND, kv)."""
     N, D = x_ND.shape
-    B, H = mask_B1TS.shape[0], cfg.n_head
-    q_BHTK, k_BHTK, v_BHTK = (a.transpose(0, 2, 1, 3) for a in _qkv(p, x_ND, B, H))
+    q_BHTK, k_BHTK, v_BHTK = (a.transpose(0, 2, 1, 3) for a in _qkv(p, x_ND, mask_B1TS.shape[0], cfg))
     k_BHSK = jax.lax.dynamic_update_slice(kv[0], k_BHTK, (0, 0, index, 0))
     v_BHSK = jax.lax.dynamic_update_slice(kv[1], v_BHTK, (0, 0, index, 0))
-    s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHSK) / math.sqrt(D // H)
+    s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHSK) / _score_divisor(cfg, layer)
     p_BHTS = jax.nn.softmax(jnp.where(mask_B1TS, s_BHTS, jnp.finfo(s_BHTS.dtype).min), axis=-1)
     y_BTHK = jnp.einsum("bhts,bhsk->bthk", p_BHTS, v_BHSK)
-    x_ND = _mlp_residual(p, x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D)), 0.0, None)
+    x_ND = _mlp_residual(p, x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D)), cfg, None)
     return x_ND, (k_BHSK, v_BHSK)
 
 
@@ -251,12 +267,12 @@ def hidden_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPT
     pos_BT = jnp.clip(positions_BT, 0, cfg.block_size - 1)
     x_ND = (params["wte"][tokens_BT] + params["wpe"][pos_BT]).reshape(B * T, -1)
     k_cache, v_cache = [], []
-    for p_block, *kv in zip(params["h"], cache["k_BHSK"], cache["v_BHSK"]):
-        x_ND, (k_BHSK, v_BHSK) = _block_cached(p_block, x_ND, kv, index, mask_B1TS, cfg)
+    for layer, (p_block, *kv) in enumerate(zip(params["h"], cache["k_BHSK"], cache["v_BHSK"])):
+        x_ND, (k_BHSK, v_BHSK) = _block_cached(p_block, x_ND, kv, index, mask_B1TS, cfg, layer)
         k_cache.append(k_BHSK)
         v_cache.append(v_BHSK)
-    return _layer_norm(params["ln_f"], x_ND), {"k_BHSK": k_cache, "v_BHSK": v_cache, "pos_BS": pos_BS,
-                                               "index": index + T}
+    h_ND = _layer_norm(params["ln_f"], x_ND, cfg.layer_norm_eps)
+    return h_ND, {"k_BHSK": k_cache, "v_BHSK": v_cache, "pos_BS": pos_BS, "index": index + T}
 
 
 def forward_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):

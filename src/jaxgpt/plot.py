@@ -4,9 +4,10 @@ import json
 from pathlib import Path
 
 from jaxgpt import checkpoint
+from jaxgpt.errors import UserError
 
 
-class PlotError(ValueError):
+class PlotError(UserError):
     """A run directory without metrics, or matplotlib missing."""
 
 

@@ -1,23 +1,15 @@
-"""What a run records besides checkpoints: metrics (metrics.jsonl, TensorBoard event files
-and, when asked, Weights & Biases) and provenance (run.json: versions, devices, data,
-start/end and every resume)."""
+"""What a run records besides checkpoints: metrics (metrics.jsonl and TensorBoard event
+files) and provenance (run.json: versions, devices, data, start/end and every resume).
+Weights & Biases is a hook (hooks.py)."""
 
 import datetime
 import hashlib
 import importlib.metadata
 import json
-import os
-import socket
 import subprocess
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
-
-from jaxgpt.config import ConfigError
-
-WANDB_HOST = ("api.wandb.ai", 443)
 
 
 def _now() -> str:
@@ -41,34 +33,11 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _online(host: tuple[str, int]) -> bool:
-    try:
-        socket.create_connection(host, timeout=5).close()
-    except OSError:
-        return False
-    return True
-
-
-def _wandb_run(project: str, run_dir: Path, run_id: str, config: dict, log: Callable[[str], None]):
-    """A Weights & Biases run (resumed by id), offline with a note when the service is unreachable."""
-    try:
-        import wandb
-    except ImportError:
-        raise ConfigError("--train.wandb-project needs wandb: pip install 'jaxgpt[wandb]'") from None
-    mode = os.environ.get("WANDB_MODE")
-    if mode is None and not _online(WANDB_HOST):
-        mode = "offline"
-        log(f"wandb: {WANDB_HOST[0]} is unreachable, logging offline to {run_dir}/wandb (upload later with wandb sync)")
-    return wandb.init(project=project, name=run_dir.name, dir=str(run_dir), id=run_id, resume="allow",
-                      config=config, mode=mode)
-
-
 class RunLog:
-    """Appends metric records to metrics.jsonl, TensorBoard and (with `wandb_project`) Weights &
-    Biases; keeps run.json up to date. In a multi-host run only process 0 writes."""
+    """Appends metric records to metrics.jsonl and TensorBoard; keeps run.json up to date.
+    In a multi-host run only process 0 writes."""
 
-    def __init__(self, run_dir: Path, data_meta: dict, resumed_at: int | None, wandb_project: str | None = None,
-                 config: dict | None = None, log: Callable[[str], None] = print):
+    def __init__(self, run_dir: Path, data_meta: dict, resumed_at: int | None):
         self.writes = jax.process_index() == 0
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -94,10 +63,6 @@ class RunLog:
                   "meta_sha256": hashlib.sha256(json.dumps(data_meta, sort_keys=True).encode()).hexdigest()},
             finished=None,
         )
-        self._wandb = None
-        if wandb_project and self.writes:
-            info.setdefault("wandb_id", uuid.uuid4().hex[:8])  # a resumed run continues the same W&B run
-            self._wandb = _wandb_run(wandb_project, run_dir, info["wandb_id"], config or {}, log)
         self.info = info
         self._write_info()
         self._tb = None
@@ -134,14 +99,10 @@ class RunLog:
         numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         for key, value in numbers.items():
             self._tb.add_scalar(key, value, record["step"])
-        if self._wandb is not None:
-            self._wandb.log(numbers, step=record["step"])
 
     def close(self) -> None:
         """Records the end of the run and its status."""
         if self._tb is not None:
             self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
         self.info.update(finished=_now(), status=self.status)
         self._write_info()

