@@ -32,7 +32,7 @@ def main():
     train_step = step.make_train_step(cfg, opt)
     B, T, V = cfg.data.batch_size, cfg.model.block_size, cfg.model.vocab_size
     x = np.random.default_rng(0).integers(0, V, (cfg.train.grad_accum, B, T)).astype(np.int32)
-    print("cost analysis GFLOP/step:", step.lower(params, opt_state, x, x, 0).compile().cost_analysis()["flops"] / 1e9)
+    print("cost analysis GFLOP/step:", train_step.lower(params, opt_state, x, x, 0).compile().cost_analysis()["flops"] / 1e9)
     for i in range(5):
         params, opt_state, loss, _ = train_step(params, opt_state, x, x, i)
     loss.block_until_ready()

@@ -1,14 +1,23 @@
-"""The shakespeare-char-cpu preset on tiny Shakespeare: val loss at 2000 iterations and
-ms/iteration, with a side-by-side timing against the same model in PyTorch eager.
+"""The shakespeare-char-cpu preset beside nanoGPT's own train.py, in one invocation.
 
-    python bench/shakespeare_cpu.py [--iters 2000] [--skip-train] [--rounds 8]
+    python bench/shakespeare_cpu.py --nanogpt PATH [--rounds 8] [--skip-step] [--warm]
 
-Reads ../shared/data/tinyshakespeare.txt; writes the run under a temporary directory.
+1. The step alone: jaxgpt's jitted step and the same model in PyTorch eager
+   (bench/torch_gpt.py), alternating blocks of 25 steps on the same batches.
+2. The whole process, one after the other on the same token files: nanoGPT's train.py
+   (PATH, a karpathy/nanoGPT checkout; its README CPU command) and `jaxgpt train
+   shakespeare-char-cpu` (with an empty XLA cache; --warm runs it again with the cache
+   filled). For each: wall time, time to the end of the first step, median ms/step, time
+   in evaluations and checkpoint saves, and the val loss at 2000.
+
+Reads ../shared/data/tinyshakespeare.txt; works in a temporary directory.
 """
 
 import argparse
-import dataclasses
 import json
+import os
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -16,32 +25,40 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgpt import checkpoint, config, data, model, optim, prepare, sources, step, train
-
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import nanogpt  # noqa: E402
 
 
-def side_by_side(cfg, ds, rounds: int, steps: int) -> tuple[list[float], list[float]]:
-    """ms/step of jaxgpt and of PyTorch eager, in alternating blocks on the same batches."""
+def side_by_side(data_dir: Path, rounds: int, steps: int = 25) -> tuple[list[float], list[float]]:
+    """ms/step of jaxgpt (on the preset's devices) and of PyTorch eager, alternating on the same batches."""
+    import dataclasses
+
     import jax
     import torch
-
-    sys.path.insert(0, str(ROOT / "bench"))
     import torch_gpt
 
+    from jaxgpt import config, data, model, optim, sharding, step, train
+
+    cfg = config.load("shakespeare-char-cpu")
+    sharding.request_cpu_devices(cfg.mesh, cfg.data.batch_size, print)  # before JAX starts
+    ds = data.open_dataset(data_dir)
+    cfg = train.with_data_vocab(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir))), ds)
     torch.manual_seed(0)
     torch_step, _ = torch_gpt.make_step(cfg)
     opt = optim.make_optimizer(cfg.optim)
-    params = jax.jit(model.init_params, static_argnums=0)(cfg.model, jax.random.key(0))
-    opt_state = opt.init(params)
-    jax_step = step.make_train_step(cfg, opt)
+    sh = step.shardings(cfg, opt, sharding.make_mesh(cfg.mesh))
+    params = jax.jit(model.init_params, static_argnums=0, out_shardings=sh["params"])(cfg.model, jax.random.key(0))
+    opt_state = jax.jit(opt.init, out_shardings=sh["opt_state"])(params)
+    jax_step = step.make_train_step(cfg, opt, sh)
     batches = [step.train_batch(ds, cfg, i) for i in range(steps)]
+    print(f"step alone: jaxgpt on {jax.device_count()} CPU device(s), torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads", flush=True)
     jax_ms, torch_ms = [], []
     for r in range(rounds + 1):  # round 0 warms up (compilation, allocator)
         for x, y in batches:
             t = time.perf_counter()
-            params, opt_state, loss, _ = jax_step(params, opt_state, x, y, 0)
+            params, opt_state, loss, _ = jax_step(params, opt_state, jax.device_put(x, sh["batch"]),
+                                                  jax.device_put(y, sh["batch"]), 0)
             float(loss)
             if r:
                 jax_ms.append(1000 * (time.perf_counter() - t))
@@ -53,66 +70,64 @@ def side_by_side(cfg, ds, rounds: int, steps: int) -> tuple[list[float], list[fl
     return jax_ms, torch_ms
 
 
-def torch_train(cfg, ds, seed: int) -> float:
-    """Val loss of the same model trained in PyTorch on jaxgpt's batches and lr schedule."""
-    import torch
+def first_step_s(lines) -> float:
+    return next(t for t, s in lines if s.startswith("iter 0:"))
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    import torch_gpt
 
-    torch.manual_seed(seed)
-    torch_step, evaluate = torch_gpt.make_step(cfg)
-    schedule = optim.lr_schedule(cfg.optim)
-    for it in range(cfg.train.max_iters):
-        x, y = step.train_batch(ds, cfg, it)
-        torch_step(x[0], y[0], float(schedule(it)))
-    B, T = cfg.data.batch_size, cfg.model.block_size
-    losses = [evaluate(*data.get_batch(ds, "val", B, T, cfg.train.seed, step.EVAL_STREAM + i))
-              for i in range(cfg.train.eval_iters)]
-    return float(np.mean(losses))
+def nanogpt_process(nanogpt_dir: Path, work: Path) -> dict:
+    run = work / "nanogpt"
+    run.mkdir()
+    nanogpt.copy_nanogpt(nanogpt_dir, run)
+    (run / "data").symlink_to(work / "data")
+    wall, lines = nanogpt.run_timed(nanogpt.nanogpt_command(run, run / "out"), run)
+    ms = {int(m.group(1)): float(m.group(2)) for _, s in lines if (m := re.match(r"iter (\d+): .*time ([\d.]+)ms", s))}
+    median = statistics.median(v for it, v in ms.items() if it % 250)
+    # An iteration that evaluates (every 250) times its evaluation and its checkpoint save too.
+    extra = sum(v - median for it, v in ms.items() if it % 250 == 0 and it > 0) / 1000
+    return {"wall": wall, "first_step": first_step_s(lines), "ms_per_step": median, "evals_and_saves": extra,
+            "val_loss": nanogpt.final_val_loss(lines)}
+
+
+def jaxgpt_process(data_dir: Path, run_dir: Path, cache: Path) -> dict:
+    cmd = [sys.executable, "-u", "-m", "jaxgpt.cli", "train", "shakespeare-char-cpu", "--data-dir", str(data_dir),
+           "--out-dir", str(run_dir)]
+    wall, lines = nanogpt.run_timed(cmd, run_dir.parent, {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)})
+    records = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    seconds = json.loads((run_dir / "run.json").read_text())["seconds"]
+    return {"wall": wall, "first_step": first_step_s(lines),
+            "ms_per_step": statistics.median(r["ms_per_step"] for r in records if "ms_per_step" in r and r["step"] > 0),
+            "evals": seconds["evals"], "saves": seconds["checkpoint_saves"], "val_loss": nanogpt.final_val_loss(lines),
+            "devices": len(json.loads((run_dir / "run.json").read_text())["devices"])}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=8, help="alternating blocks in the side-by-side timing")
-    ap.add_argument("--skip-train", action="store_true", help="only the side-by-side timing")
-    ap.add_argument("--torch-seeds", type=int, default=0,
-                    help="also train the PyTorch model this many times on the same batches and schedule")
+    ap.add_argument("--nanogpt", type=Path, help="a karpathy/nanoGPT checkout (its train.py needs torch)")
+    ap.add_argument("--rounds", type=int, default=8, help="alternating blocks in the step-alone timing")
+    ap.add_argument("--skip-step", action="store_true", help="only the whole processes")
+    ap.add_argument("--warm", action="store_true", help="run jaxgpt a second time with its XLA cache filled")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="jaxgpt-bench-"))
-    prepare.prepare(sources.resolve_source("tinyshakespeare", str(CORPUS)), work / "data")
-    ds = data.open_dataset(work / "data")
-    cfg = config.load("shakespeare-char-cpu")
-    cfg = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, dir=str(work / "data")),
-        train=dataclasses.replace(cfg.train, out_dir=str(work / "run"), max_iters=args.iters, log_interval=1),
-    )
-    cfg = train.with_data_vocab(cfg, ds)
-
-    jax_ms, torch_ms = side_by_side(cfg, ds, args.rounds, 25)
-    print(f"side by side, {len(jax_ms)} steps each: jaxgpt median {np.median(jax_ms):.1f} ms/step, "
-          f"PyTorch eager median {np.median(torch_ms):.1f} ms/step, "
-          f"ratio {np.median(torch_ms) / np.median(jax_ms):.2f}x")
-    if args.skip_train:
-        return
-
-    t0 = time.perf_counter()
-    result = train.train(cfg, log=lambda s: None)
-    wall = time.perf_counter() - t0
-    records = [json.loads(s) for s in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    ms = [r["ms_per_step"] for r in records if "ms_per_step" in r and r["step"] > 0]
-    _, params, _ = checkpoint.load_params(work / "run", "latest")
-    exact = step.evaluate_split(params, ds, cfg, "val")
-    print(f"train {args.iters} iters: val loss {result['val_loss']:.4f} (estimate over {cfg.train.eval_iters} "
-          f"batches, as nanoGPT reports), exact val loss {exact['loss']:.4f} over the whole split; "
-          f"median {np.median(ms):.1f} ms/iter (p10 {np.percentile(ms, 10):.1f}, p90 {np.percentile(ms, 90):.1f}); "
-          f"wall {wall:.0f} s")
-    for seed in range(args.torch_seeds):
-        print(f"PyTorch eager, same batches and schedule, torch seed {seed}: val loss {torch_train(cfg, ds, seed):.4f} "
-              f"(estimate over the same {cfg.train.eval_iters} batches)")
+    data_dir = nanogpt.prepare_tinyshakespeare(work)
+    if args.nanogpt:
+        runs = {"nanoGPT": nanogpt_process(args.nanogpt.resolve(), work),
+                "jaxgpt": jaxgpt_process(data_dir, work / "run", work / "xla-cache")}
+        if args.warm:
+            runs["jaxgpt, XLA cache warm"] = jaxgpt_process(data_dir, work / "run-warm", work / "xla-cache")
+        ref = runs["nanoGPT"]["wall"]
+        print("whole process, 2000 iterations (seconds):")
+        for name, r in runs.items():
+            spent = (f"evals {r['evals']:.1f}, checkpoint saves {r['saves']:.1f}, {r['devices']} CPU devices"
+                     if "evals" in r else f"evals and checkpoint saves {r['evals_and_saves']:.1f}")
+            print(f"  {name:>24}: wall {r['wall']:6.1f} ({r['wall'] / ref:.2f}x nanoGPT), first step done at "
+                  f"{r['first_step']:.1f}, median {r['ms_per_step']:.1f} ms/step, {spent}; "
+                  f"val loss {r['val_loss']:.4f}", flush=True)
+    if not args.skip_step:
+        jax_ms, torch_ms = side_by_side(data_dir, args.rounds)
+        print(f"step alone, {len(jax_ms)} steps each: jaxgpt median {np.median(jax_ms):.1f} ms/step, "
+              f"PyTorch eager median {np.median(torch_ms):.1f} ms/step, "
+              f"jaxgpt / PyTorch {np.median(jax_ms) / np.median(torch_ms):.2f}x")
 
 
 if __name__ == "__main__":

@@ -11,20 +11,14 @@ line takes the seed. Both report the mean over 20 random val batches at iteratio
 
 import argparse
 import json
-import pickle
-import re
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-NANOGPT_CPU = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=100", "--block_size=64",
-               "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
-               "--lr_decay_iters=2000", "--dropout=0.0", "--always_save_checkpoint=False"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import nanogpt  # noqa: E402
 
 
 def jaxgpt_val_loss(data_dir: Path, out_dir: Path, seed: int) -> float:
@@ -35,18 +29,11 @@ def jaxgpt_val_loss(data_dir: Path, out_dir: Path, seed: int) -> float:
     return next(r["val_loss"] for r in reversed(vals) if "val_loss" in r and r["step"] == 2000)
 
 
-def nanogpt_val_loss(nanogpt: Path, work: Path, seed: int) -> float:
-    train_py, seed_line = (nanogpt / "train.py").read_text(), "torch.manual_seed(1337 + seed_offset)"
-    if seed_line not in train_py:
-        raise SystemExit(f"{nanogpt}/train.py has no `{seed_line}` line to reseed")
-    (work / "train.py").write_text(train_py.replace(seed_line, f"torch.manual_seed({seed} + seed_offset)"))
-    for f in ("model.py", "configurator.py"):
-        shutil.copy(nanogpt / f, work / f)
-    shutil.copytree(nanogpt / "config", work / "config", dirs_exist_ok=True)
-    out = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py", "--dataset=sc",
-                          f"--out_dir={work / f'n{seed}'}", *NANOGPT_CPU],
-                         cwd=work, check=True, capture_output=True, text=True).stdout
-    return float(re.search(r"step 2000: train loss [\d.]+, val loss ([\d.]+)", out).group(1))
+def nanogpt_val_loss(nanogpt_dir: Path, work: Path, seed: int) -> float:
+    nanogpt.copy_nanogpt(nanogpt_dir, work, seed)
+    _, lines = nanogpt.run_timed(nanogpt.nanogpt_command(work, work / f"n{seed}", "--log_interval=100",
+                                                         "--always_save_checkpoint=False"), work)
+    return nanogpt.final_val_loss(lines)
 
 
 def main():
@@ -55,15 +42,8 @@ def main():
     ap.add_argument("--nanogpt", type=Path, help="a karpathy/nanoGPT checkout (needs torch)")
     args = ap.parse_args()
 
-    from jaxgpt import prepare, sources
-
     work = Path(tempfile.mkdtemp(prefix="jaxgpt-seeds-"))
-    data_dir = work / "data" / "sc"  # nanoGPT reads data/<dataset>/ under its working directory
-    prepare.prepare(sources.resolve_source("tinyshakespeare", str(CORPUS)), data_dir)
-    chars = json.loads((data_dir / "meta.json").read_text())["tokenizer"]["chars"]
-    with open(data_dir / "meta.pkl", "wb") as f:
-        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
-                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    data_dir = nanogpt.prepare_tinyshakespeare(work)
 
     results = {"jaxgpt": []} | ({"nanoGPT": []} if args.nanogpt else {})
     for seed in args.seeds:

@@ -12,6 +12,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# One CPU device, whatever a preset's mesh.cpu_devices asks: runs in and out of this process
+# must agree bit for bit. Tests of more devices set their own.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
 
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:

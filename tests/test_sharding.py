@@ -83,6 +83,7 @@ def eight_devices(tiny_dataset, tmp_path_factory) -> dict:
     # Low LLVM optimisation compiles the 8-way programs ~40% faster; the math is the same.
     flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_NUM_CPU_DEVICES", None)  # conftest's 1 would override the flag's 8
     proc = subprocess.run([sys.executable, __file__, str(tiny_dataset), str(out)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -174,3 +175,22 @@ def test_tensor_parallel_rules_reach_the_params():
         assert block["attn"]["c_attn"]["kernel"] == block["mlp"]["c_fc"]["kernel"] == P("fsdp", "tensor")
         assert block["attn"]["c_proj"]["kernel"] == block["mlp"]["c_proj"]["kernel"] == P("tensor", "fsdp")
         assert block["attn"]["c_attn"]["bias"] == P("tensor") and block["ln_1"]["scale"] == P()
+
+
+def test_cpu_devices_per_core_train_as_one_device(tiny_dataset, tmp_path):
+    """mesh.cpu_devices = 0 (the CPU preset's) splits the cores into devices: the same losses."""
+    from jaxgpt import cli
+
+    args = ["train", "shakespeare-char-cpu", "--data-dir", str(tiny_dataset), "--model.n-layer", "1",
+            "--model.n-head", "2", "--model.n-embd", "32", "--model.block-size", "16", "--data.batch-size", "4",
+            "--train.max-iters", "6", "--train.eval-interval", "3", "--train.eval-iters", "1",
+            "--train.log-interval", "1", "--mesh.cpu-devices", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt.cli", *args, "--out-dir", str(tmp_path / "split")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cores = len(os.sched_getaffinity(0))
+    expected = max(d for d in range(1, cores + 1) if 4 % d == 0)
+    assert len(json.loads((tmp_path / "split" / "run.json").read_text())["devices"]) == expected
+    assert cli.main([*args, "--out-dir", str(tmp_path / "one")]) == 0  # this process has its one device
+    np.testing.assert_allclose(losses(tmp_path / "split"), losses(tmp_path / "one"), rtol=1e-5)

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -402,8 +403,16 @@ USAGE = """usage: jaxgpt {prepare,train,sample,eval,lm-eval,convert,info,plot} [
 Add --debug anywhere to see the full traceback of an error."""
 
 
+def _use_compilation_cache() -> None:
+    """XLA's persistent cache in ~/.cache/jaxgpt/xla: a later run of the same shapes skips
+    compiling (JAX_COMPILATION_CACHE_DIR, where set, wins). Before JAX is imported."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(base, "jaxgpt", "xla"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _use_compilation_cache()
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):

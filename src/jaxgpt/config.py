@@ -106,6 +106,11 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    cpu_devices: int = 1
+    """On a CPU, train on this many XLA devices over its cores (0: one per usable core, as many
+    as divide the batch), data-parallel by default. XLA runs each small op of a small model on
+    one core at a time, so per-core devices keep every core busy; large models gain nothing.
+    JAX_NUM_CPU_DEVICES or --xla_force_host_platform_device_count in XLA_FLAGS, where set, win."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,11 @@ Weights & Biases is a hook (hooks.py)."""
 
 import datetime
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import subprocess
+import threading
 from pathlib import Path
 
 import jax
@@ -66,6 +68,8 @@ class RunLog:
         self.info = info
         self._write_info()
         self._tb = None
+        if self.writes:  # tensorboardX takes seconds to import (torch, where installed): start now, beside the compiling
+            threading.Thread(target=importlib.import_module, args=("tensorboardX",), daemon=True).start()
         self.status = "running"  # the training loop sets: finished, stopped, diverged or failed
         self._purge_step = resumed_at  # TensorBoard hides what a stopped run logged past this
 
@@ -93,7 +97,7 @@ class RunLog:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is None:
-            from tensorboardX import SummaryWriter  # imported late: it is slow to import
+            from tensorboardX import SummaryWriter  # waits for the import started in __init__
 
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
         numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}

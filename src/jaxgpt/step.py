@@ -19,6 +19,7 @@ from jaxgpt import data, model, optim, sharding
 from jaxgpt.config import Config
 
 EVAL_STREAM = 1 << 40  # eval batches draw from steps far past any training step
+EVAL_LOGITS = 1 << 26  # at most this many logits (256 MB of float32) in one evaluation call
 
 
 def compute_dtype(name: str):
@@ -86,7 +87,8 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation, sh: dict | N
 def make_eval_step(cfg: Config, sh: dict | None = None):
     """(params, x_BT, y_BT, mask_BT) -> (summed loss, token count), for exact means over a split.
 
-    Takes whole numpy batches; each process sends only its rows to its devices."""
+    Takes whole numpy batches (each process sends only its rows to its devices) or batches
+    `place_eval_batch` already put there."""
     dtype = compute_dtype(cfg.train.compute_dtype)
     sh = sh or shardings(cfg, optim.make_optimizer(cfg.optim), sharding.make_mesh(cfg.mesh))
     batch_sh = sh["eval_batch"]
@@ -99,10 +101,16 @@ def make_eval_step(cfg: Config, sh: dict | None = None):
     jitted = jax.jit(step, in_shardings=(sh["params"], batch_sh, batch_sh, batch_sh), out_shardings=sh["scalar"])
 
     def eval_step(params, x_BT, y_BT, mask_BT):
-        rows = sharding.process_rows(batch_sh, x_BT.shape)
-        return jitted(params, *(sharding.global_batch(batch_sh, a[rows], a.shape) for a in (x_BT, y_BT, mask_BT)))
+        return jitted(params, *(place_eval_batch(batch_sh, a) for a in (x_BT, y_BT, mask_BT)))
 
     return eval_step
+
+
+def place_eval_batch(batch_sh: NamedSharding, a_BT) -> jax.Array:
+    """A whole numpy [B, T] batch as a global array, from this process's rows; placed ones pass."""
+    if isinstance(a_BT, jax.Array):
+        return a_BT
+    return sharding.global_batch(batch_sh, a_BT[sharding.process_rows(batch_sh, a_BT.shape)], a_BT.shape)
 
 
 def train_batch(ds: data.Dataset, cfg: Config, it: int, rows: slice = slice(None)):
@@ -119,20 +127,28 @@ def global_train_batch(ds: data.Dataset, cfg: Config, it: int, batch_sh: NamedSh
     return sharding.global_batch(batch_sh, x, shape), sharding.global_batch(batch_sh, y, shape)
 
 
-def estimate_batches(ds: data.Dataset, cfg: Config) -> dict[str, list]:
-    """The `eval_iters` random (x, y) batches of each split that every evaluation scores."""
+def estimate_batches(ds: data.Dataset, cfg: Config, sh: dict | None = None) -> dict[str, list]:
+    """The `eval_iters` random batches of each split that every evaluation scores, as
+    (x, y, mask) arrays of as many batches' rows as keep one call's logits under
+    EVAL_LOGITS floats (a small model scores them all in one call; GPT-2 one batch a call),
+    placed on the devices once (`sh`: the run's shardings)."""
     B, T = cfg.data.batch_size, cfg.model.block_size
-    return {split: [data.get_batch(ds, split, B, T, cfg.train.seed, EVAL_STREAM + i) for i in range(cfg.train.eval_iters)]
-            for split in ("train", "val")}
+    batch_sh = (sh or shardings(cfg, optim.make_optimizer(cfg.optim), sharding.make_mesh(cfg.mesh)))["eval_batch"]
+    per_call = max(1, EVAL_LOGITS // (B * T * cfg.model.vocab_size))
+    out = {}
+    for split in ("train", "val"):
+        xy = [data.get_batch(ds, split, B, T, cfg.train.seed, EVAL_STREAM + i) for i in range(cfg.train.eval_iters)]
+        calls = [[np.concatenate(a) for a in zip(*xy[i : i + per_call])] for i in range(0, len(xy), per_call)]
+        out[split] = [tuple(place_eval_batch(batch_sh, a) for a in (x, y, np.ones_like(x))) for x, y in calls]
+    return out
 
 
 def estimate_loss(eval_step, params, batches: dict[str, list]) -> dict[str, float]:
     """Mean loss of each split over its `estimate_batches`."""
     out = {}
-    for split, xy in batches.items():
-        ones_BT = np.ones(xy[0][0].shape, np.int32)
-        sums = [eval_step(params, x, y, ones_BT)[0] for x, y in xy]  # fetched once: no host sync per batch
-        out[split] = float(sum(jax.device_get(sums))) / (ones_BT.size * len(xy))
+    for split, xym in batches.items():
+        sums = jax.device_get([eval_step(params, x, y, m)[0] for x, y, m in xym])  # one host sync per split
+        out[split] = float(sum(sums)) / sum(x.size for x, _, _ in xym)
     return out
 
 

@@ -154,6 +154,23 @@ def _save(mngr, it: int, meta: dict, params, opt_state=None) -> None:
                          f"the earlier checkpoints are intact: free space, then continue with --resume") from None
 
 
+def _checkpoint(mngrs: dict, it: int, val_loss: float, best_val: float, params, opt_state) -> float:
+    """Saves iteration `it`'s checkpoint, and the best one when it is; returns the best val loss."""
+    best_val = min(best_val, val_loss)
+    meta = {"step": it, "val_loss": val_loss, "best_val_loss": best_val}
+    if val_loss == best_val:  # before `latest`: a resume never lacks the best it recorded
+        _save(mngrs["best"], it, meta, params)
+    _save(mngrs["latest"], it, meta, params, opt_state)
+    return best_val
+
+
+def _step_line(rec: dict) -> str:
+    skipped = rec["skipped_steps"]
+    return (f"iter {rec['step']}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {rec['ms_per_step']:.1f} ms/step, "
+            f"{rec['tokens_per_s']:,.0f} tok/s, MFU {100 * rec['mfu']:.1f}%"
+            + (f", {skipped} steps skipped (non-finite)" if skipped else ""))
+
+
 def _peak_flops(cfg: Config, mesh: Mesh) -> float:
     return cfg.train.peak_flops or flops.peak_flops(list(mesh.devices.flat), step.compute_dtype(cfg.train.compute_dtype))
 
@@ -166,6 +183,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
     `resume` continues from the newest readable checkpoint; `force` starts over in a run
     directory that already holds a run (its checkpoints are deleted). `hooks` are the
     extras to run (`hooks.from_config(cfg)` builds those the config asks for)."""
+    t_start = time.perf_counter()
+    sharding.request_cpu_devices(cfg.mesh, cfg.data.batch_size, log)
     sharding.initialize_distributed()
     if jax.process_index() > 0:
         log = lambda s: None  # noqa: E731 (process 0 speaks for the run)
@@ -201,10 +220,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
             h.record(rec)
 
     train_step = step.make_train_step(cfg, opt, sh, [h.step_stats for h in hooks])
-    eval_step, eval_batches = step.make_eval_step(cfg, sh), step.estimate_batches(ds, cfg)
+    eval_step, eval_batches = step.make_eval_step(cfg, sh), step.estimate_batches(ds, cfg, sh)
     tokens_per_it = tc.grad_accum * cfg.data.batch_size * cfg.model.block_size
     flops_per_it, peak = model.flops_per_token(cfg.model) * tokens_per_it, _peak_flops(cfg, mesh)
     losses: dict[str, float] = {}
+    seconds = {"to_first_step": 0.0, "evals": 0.0, "checkpoint_saves": 0.0}  # where the run's time went
     rlog.status = "failed"  # until the loop ends as planned
     x, y = step.global_train_batch(ds, cfg, start, sh["batch"])
     with _stop_requests(log) as stop, contextlib.closing(rlog):
@@ -217,17 +237,17 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                     rlog.status = "stopped"
                     break
                 if (it % tc.eval_interval == 0 or it == tc.max_iters) and not (it == start and evaluated_at_start):
+                    t = time.perf_counter()
                     losses = step.estimate_loss(eval_step, params, eval_batches)
+                    seconds["evals"] += time.perf_counter() - t
                     bpb = ds.bits_per_byte(losses["val"])
                     write({"step": it, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb})
                     log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                         + (f" ({bpb:.4f} bits per byte)" if bpb is not None else ""))
                     if it > 0:
-                        best_val = min(best_val, losses["val"])
-                        meta = {"step": it, "val_loss": losses["val"], "best_val_loss": best_val}
-                        if losses["val"] == best_val:  # before `latest`: a resume never lacks the best it recorded
-                            _save(mngrs["best"], it, meta, params)
-                        _save(mngrs["latest"], it, meta, params, opt_state)
+                        t = time.perf_counter()
+                        best_val = _checkpoint(mngrs, it, losses["val"], best_val, params, opt_state)
+                        seconds["checkpoint_saves"] += time.perf_counter() - t
                     t_log, steps_since_log = time.perf_counter(), 0
                 for h in hooks if it > start else ():
                     metrics = h.metrics(it, params, it == tc.max_iters)
@@ -243,6 +263,9 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                 params, opt_state, loss, stats = train_step(params, opt_state, x, y, it)
                 for h in hooks:
                     h.after_step(it, loss)
+                if it == start:  # set-up and compilation, measured once
+                    jax.block_until_ready(loss)
+                    seconds["to_first_step"] = time.perf_counter() - t_start
                 x, y = step.global_train_batch(ds, cfg, it + 1, sh["batch"])  # prepared while the device computes
                 steps_since_log += 1
                 if it % tc.log_interval == 0:
@@ -256,16 +279,19 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                             "lower --optim.learning-rate or check the data, then --resume"
                         )
                     dt = (time.perf_counter() - t_log) / steps_since_log
-                    rec = {"step": it, "loss": float(loss), "lr": float(schedule(it)),
-                           "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_it / dt, "mfu": flops_per_it / dt / peak,
+                    rec = {"step": it, "loss": float(loss), "lr": float(schedule(it)), "ms_per_step": 1000 * dt,
+                           "tokens_per_s": tokens_per_it / dt, "mfu": flops_per_it / dt / peak,
                            "skipped_steps": int(skipped)} | {k: float(v) for k, v in stats.items()}
                     write(rec)
-                    log(f"iter {it}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {rec['ms_per_step']:.1f} ms/step, "
-                        f"{rec['tokens_per_s']:,.0f} tok/s, MFU {100 * rec['mfu']:.1f}%"
-                        + (f", {skipped} steps skipped (non-finite)" if skipped else ""))
+                    log(_step_line(rec))
                     t_log, steps_since_log = time.perf_counter(), 0
         finally:
             for h in hooks:
                 h.end(rlog.status)
+            seconds["total"] = time.perf_counter() - t_start
+            rlog.info["seconds"] = seconds
+    log(f"{rlog.status} in {seconds['total']:.1f} s: {seconds['to_first_step']:.1f} s to the end of the first step "
+        f"(set-up, compilation), {seconds['evals']:.1f} s in evaluations, "
+        f"{seconds['checkpoint_saves']:.1f} s saving checkpoints")
     return {"train_loss": losses.get("train"), "val_loss": losses.get("val"), "best_val_loss": best_val,
             "status": rlog.status}
