@@ -19,7 +19,6 @@ from jaxgpt import data, model, optim, sharding
 from jaxgpt.config import Config
 
 EVAL_STREAM = 1 << 40  # eval batches draw from steps far past any training step
-EVAL_LOGITS = 1 << 26  # at most this many logits (256 MB of float32) in one evaluation call
 
 
 def compute_dtype(name: str):
@@ -128,19 +127,15 @@ def global_train_batch(ds: data.Dataset, cfg: Config, it: int, batch_sh: NamedSh
 
 
 def estimate_batches(ds: data.Dataset, cfg: Config, sh: dict | None = None) -> dict[str, list]:
-    """The `eval_iters` random batches of each split that every evaluation scores, as
-    (x, y, mask) arrays of as many batches' rows as keep one call's logits under
-    EVAL_LOGITS floats (a small model scores them all in one call; GPT-2 one batch a call),
-    placed on the devices once (`sh`: the run's shardings)."""
+    """The `eval_iters` random (x, y, mask) batches of each split that every evaluation
+    scores, placed on the devices once (`sh`: the run's shardings)."""
     B, T = cfg.data.batch_size, cfg.model.block_size
     batch_sh = (sh or shardings(cfg, optim.make_optimizer(cfg.optim), sharding.make_mesh(cfg.mesh)))["eval_batch"]
-    per_call = max(1, EVAL_LOGITS // (B * T * cfg.model.vocab_size))
-    out = {}
-    for split in ("train", "val"):
-        xy = [data.get_batch(ds, split, B, T, cfg.train.seed, EVAL_STREAM + i) for i in range(cfg.train.eval_iters)]
-        calls = [[np.concatenate(a) for a in zip(*xy[i : i + per_call])] for i in range(0, len(xy), per_call)]
-        out[split] = [tuple(place_eval_batch(batch_sh, a) for a in (x, y, np.ones_like(x))) for x, y in calls]
-    return out
+    ones_BT = place_eval_batch(batch_sh, np.ones((B, T), np.int32))
+    return {split: [(*(place_eval_batch(batch_sh, a) for a in data.get_batch(ds, split, B, T, cfg.train.seed,
+                                                                            EVAL_STREAM + i)), ones_BT)
+                    for i in range(cfg.train.eval_iters)]
+            for split in ("train", "val")}
 
 
 def estimate_loss(eval_step, params, batches: dict[str, list]) -> dict[str, float]:
