@@ -209,3 +209,19 @@ def test_user_errors_name_the_problem(kwargs, message):
     args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=message):
         generate(_params(CHAR), CHAR, **args)
+
+
+def test_bfloat16_params_keep_a_bfloat16_cache():
+    """The cache takes the compute dtype: with bfloat16 params, half the bytes per slot, and
+    cached logits as the bfloat16 full forward's (within bfloat16 rounding)."""
+    cfg = CHAR
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params(cfg))
+    tokens_BT = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
+    positions_BT = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    cache = model.init_cache(cfg, 2, 16, params["wte"].dtype)
+    logits, cache = jax.jit(model.forward_cached, static_argnums=4)(params, tokens_BT, positions_BT, cache, cfg)
+    assert all(a.dtype == jnp.bfloat16 for a in cache["k_BHSK"] + cache["v_BHSK"])
+    expected = jax.jit(model.forward, static_argnums=2)(params, tokens_BT, cfg)
+    np.testing.assert_allclose(np.asarray(logits, np.float32), np.asarray(expected, np.float32), atol=0.15, rtol=0.05)
+    out = generate(params, cfg, PROMPTS[:2], max_new_tokens=8, temperature=0)
+    assert [len(r) for r in out] == [8, 8]

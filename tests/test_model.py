@@ -112,3 +112,19 @@ def test_dropout_and_remat_paths_honour_the_config_options():
     want = grads(None, False)
     for key, remat in [(None, True), (jax.random.key(2), False), (jax.random.key(2), True)]:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads(key, remat), want)
+
+
+def test_attention_falls_back_to_xla_where_cudnn_cannot_run(monkeypatch):
+    """On a backend that claims to be a GPU but cannot build cuDNN's attention (this CPU),
+    the forward falls back to XLA's attention and gives the same logits."""
+
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.0)
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), model.init_params(cfg, jax.random.key(0)))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 65)
+    expected = model.forward(params, tokens, cfg)
+    q = jnp.zeros((2, 16, 2, 16), jnp.bfloat16)
+    assert model.attention_implementation(q) is None  # a CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert model.attention_implementation(q) is None  # cuDNN's attention does not compile here
+    assert model.attention_implementation(q.astype(jnp.float32)) is None  # float32: never cuDNN
+    np.testing.assert_array_equal(model.forward(params, tokens, cfg), expected)

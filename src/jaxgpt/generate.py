@@ -109,7 +109,7 @@ def _prefill(params, prompt_BP, plen_B, live_B, sampling, cfg: GPTConfig, n_new:
     """Runs the left-padded prompts through the model in one call and picks the first token."""
     B, P = prompt_BP.shape
     pos_BP = jnp.arange(P)[None, :] - (P - plen_B)[:, None]
-    cache = model.init_cache(cfg, B, min(2 * P, _max_slots(P, n_new, cfg)))
+    cache = model.init_cache(cfg, B, min(2 * P, _max_slots(P, n_new, cfg)), params["wte"].dtype)
     h_ND, cache = model.hidden_cached(params, prompt_BP, pos_BP, cache, cfg)
     state = {
         "cache": cache,
@@ -149,7 +149,7 @@ def _decode(params, state, until, sampling, cfg: GPTConfig, sampler):
     def window_step(s):
         window_BW = jax.lax.dynamic_slice_in_dim(s["tokens_BS"], P + s["step"] - bs, bs, axis=1)
         pos_BW = jnp.arange(bs)[None, :] - jnp.maximum(bs - s["len_B"], 0)[:, None]
-        h_ND, _ = model.hidden_cached(params, window_BW, pos_BW, model.init_cache(cfg, B, bs), cfg)
+        h_ND, _ = model.hidden_cached(params, window_BW, pos_BW, model.init_cache(cfg, B, bs, params["wte"].dtype), cfg)
         return _advance(s, _last_logits(params, h_ND, B), sampling, sampler)
 
     state = jax.lax.while_loop(fits, cached_step, state)

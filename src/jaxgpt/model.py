@@ -112,11 +112,35 @@ def _score_divisor(cfg: GPTConfig, layer: int) -> float:
     return divisor * (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else divisor
 
 
+@functools.cache
+def _cudnn_attention_compiles(shape: tuple[int, ...], dtype) -> bool:
+    """Whether cuDNN's fused attention compiles here for [B, T, H, K] inputs of `dtype` (it
+    needs a GPU, and jax's cuDNN attention is known broken with some CUDA versions)."""
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    attend = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
+    try:
+        jax.jit(attend).lower(x, x, x).compile()
+    except Exception:  # any failure to build it: XLA's attention computes the same
+        return False
+    return True
+
+
+def attention_implementation(q_BTHK) -> str | None:
+    """cuDNN's fused (flash) attention where it applies: a GPU, bfloat16 or float16, a head
+    width that is a multiple of 8 up to 128, and a build where it compiles; else None, XLA's
+    own attention, which gives the same results."""
+    K = q_BTHK.shape[-1]
+    if jax.default_backend() != "gpu" or q_BTHK.dtype not in (jnp.bfloat16, jnp.float16) or K % 8 or K > 128:
+        return None
+    return "cudnn" if _cudnn_attention_compiles(tuple(q_BTHK.shape), q_BTHK.dtype) else None
+
+
 def _attention(q_BTHK, k_BTHK, v_BTHK, divisor: float, rate: float, key: jax.Array | None) -> jax.Array:
     """Causal softmax attention of scores q·k / `divisor`, computed in float32 whatever the
-    inputs' dtype. Without dropout it is `jax.nn.dot_product_attention`."""
+    inputs' dtype. Without dropout it is `jax.nn.dot_product_attention`, cuDNN's where it applies."""
     if key is None or rate == 0.0:
-        return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, scale=1 / divisor, is_causal=True)
+        return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, scale=1 / divisor, is_causal=True,
+                                            implementation=attention_implementation(q_BTHK))
     T = q_BTHK.shape[1]
     s_BHTT = jnp.einsum("bqhk,bshk->bhqs", q_BTHK, k_BTHK, preferred_element_type=jnp.float32) / divisor
     causal_TT = jnp.tril(jnp.ones((T, T), bool))
@@ -213,16 +237,17 @@ def transpose_kernels(params: Params) -> Params:
     return params | {"h": blocks}
 
 
-def init_cache(cfg: GPTConfig, batch: int, length: int) -> dict:
-    """An empty KV cache of `length` slots per row. A slot's position is -1 until written.
+def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache of `length` slots per row, its keys and values in `dtype` (the
+    compute dtype: the params'). A slot's position is -1 until written.
 
     Each layer has its own keys and values, stored [batch, head, slot, head width] so that
     attention reads each head's slots contiguously and no step copies a layer out of a
     stacked cache."""
     shape = (batch, cfg.n_head, length, cfg.n_embd // cfg.n_head)
     return {
-        "k_BHSK": [jnp.zeros(shape, jnp.float32) for _ in range(cfg.n_layer)],
-        "v_BHSK": [jnp.zeros(shape, jnp.float32) for _ in range(cfg.n_layer)],
+        "k_BHSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
+        "v_BHSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
         "pos_BS": jnp.full((batch, length), -1, jnp.int32),
         "index": jnp.zeros((), jnp.int32),
     }
