@@ -194,3 +194,6 @@ def test_cpu_devices_per_core_train_as_one_device(tiny_dataset, tmp_path):
     assert len(json.loads((tmp_path / "split" / "run.json").read_text())["devices"]) == expected
     assert cli.main([*args, "--out-dir", str(tmp_path / "one")]) == 0  # this process has its one device
     np.testing.assert_allclose(losses(tmp_path / "split"), losses(tmp_path / "one"), rtol=1e-5)
+    # a run saved from several devices samples and evaluates on this process's one
+    assert cli.main(["sample", "--out-dir", str(tmp_path / "split"), "--max-new-tokens", "4", "--num-samples", "1"]) == 0
+    assert cli.main(["eval", "--out-dir", str(tmp_path / "split")]) == 0

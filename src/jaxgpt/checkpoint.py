@@ -10,6 +10,7 @@ checkpoint that looks complete.
 import json
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxgpt import config as config_lib
@@ -95,7 +96,11 @@ def load_params(run_dir: str | Path, which: str = "best"):
     if step is None:
         raise CheckpointError(f"no checkpoint in {run_dir}: train with --train.eval-interval smaller than max-iters")
     try:
-        params, _, meta = restore(mngr, step, model.abstract_params(cfg.model))
+        # onto this process's default device, whatever devices the run was saved from
+        on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_device),
+                                model.abstract_params(cfg.model))
+        params, _, meta = restore(mngr, step, abstract)
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
         raise CheckpointError(
             f"checkpoint {mngr.directory / str(step)} cannot be read ({type(e).__name__}); it may be damaged: "
