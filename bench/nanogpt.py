@@ -49,7 +49,7 @@ def copy_nanogpt(nanogpt: Path, work: Path, seed: int = 1337) -> None:
     shutil.copytree(nanogpt / "config", work / "config", dirs_exist_ok=True)
 
 
-def nanogpt_command(work: Path, out_dir: Path, *extra: str) -> list[str]:
+def nanogpt_command(out_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-u", "train.py", "config/train_shakespeare_char.py", "--dataset=sc",
             f"--out_dir={out_dir}", *CPU_FLAGS, *extra]
 

@@ -79,7 +79,7 @@ def nanogpt_process(nanogpt_dir: Path, work: Path) -> dict:
     run.mkdir()
     nanogpt.copy_nanogpt(nanogpt_dir, run)
     (run / "data").symlink_to(work / "data")
-    wall, lines = nanogpt.run_timed(nanogpt.nanogpt_command(run, run / "out"), run)
+    wall, lines = nanogpt.run_timed(nanogpt.nanogpt_command(run / "out"), run)
     ms = {int(m.group(1)): float(m.group(2)) for _, s in lines if (m := re.match(r"iter (\d+): .*time ([\d.]+)ms", s))}
     median = statistics.median(v for it, v in ms.items() if it % 250)
     # An iteration that evaluates (every 250) times its evaluation and its checkpoint save too.

@@ -31,7 +31,7 @@ def jaxgpt_val_loss(data_dir: Path, out_dir: Path, seed: int) -> float:
 
 def nanogpt_val_loss(nanogpt_dir: Path, work: Path, seed: int) -> float:
     nanogpt.copy_nanogpt(nanogpt_dir, work, seed)
-    _, lines = nanogpt.run_timed(nanogpt.nanogpt_command(work, work / f"n{seed}", "--log_interval=100",
+    _, lines = nanogpt.run_timed(nanogpt.nanogpt_command(work / f"n{seed}", "--log_interval=100",
                                                          "--always_save_checkpoint=False"), work)
     return nanogpt.final_val_loss(lines)
 

@@ -95,11 +95,11 @@ def load_params(run_dir: str | Path, which: str = "best"):
         step = mngr.latest_step()
     if step is None:
         raise CheckpointError(f"no checkpoint in {run_dir}: train with --train.eval-interval smaller than max-iters")
+    # onto this process's default device, whatever devices the run was saved from
+    on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_device),
+                            model.abstract_params(cfg.model))
     try:
-        # onto this process's default device, whatever devices the run was saved from
-        on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_device),
-                                model.abstract_params(cfg.model))
         params, _, meta = restore(mngr, step, abstract)
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
         raise CheckpointError(

@@ -38,6 +38,11 @@ def shardings(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh) -> dic
             "scalar": NamedSharding(mesh, P())}
 
 
+def default_shardings(cfg: Config) -> dict:
+    """`shardings` on the mesh of cfg.mesh over all devices, for steps made outside a run."""
+    return shardings(cfg, optim.make_optimizer(cfg.optim), sharding.make_mesh(cfg.mesh))
+
+
 StepStats = Callable[[dict, dict, dict], dict]  # (params, grads, updates) -> scalars, traced in the step
 
 
@@ -78,7 +83,7 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation, sh: dict | N
             stats |= extra(params, grads, updates)
         return optax.apply_updates(params, updates), opt_state, loss, stats
 
-    sh = sh or shardings(cfg, opt, sharding.make_mesh(cfg.mesh))
+    sh = sh or default_shardings(cfg)
     return jax.jit(step, in_shardings=(sh["params"], sh["opt_state"], sh["batch"], sh["batch"], sh["scalar"]),
                    out_shardings=(sh["params"], sh["opt_state"], sh["scalar"], sh["scalar"]), donate_argnums=(0, 1))
 
@@ -89,7 +94,7 @@ def make_eval_step(cfg: Config, sh: dict | None = None):
     Takes whole numpy batches (each process sends only its rows to its devices) or batches
     `place_eval_batch` already put there."""
     dtype = compute_dtype(cfg.train.compute_dtype)
-    sh = sh or shardings(cfg, optim.make_optimizer(cfg.optim), sharding.make_mesh(cfg.mesh))
+    sh = sh or default_shardings(cfg)
     batch_sh = sh["eval_batch"]
 
     def step(params, x_BT, y_BT, mask_BT):
@@ -130,7 +135,7 @@ def estimate_batches(ds: data.Dataset, cfg: Config, sh: dict | None = None) -> d
     """The `eval_iters` random (x, y, mask) batches of each split that every evaluation
     scores, placed on the devices once (`sh`: the run's shardings)."""
     B, T = cfg.data.batch_size, cfg.model.block_size
-    batch_sh = (sh or shardings(cfg, optim.make_optimizer(cfg.optim), sharding.make_mesh(cfg.mesh)))["eval_batch"]
+    batch_sh = (sh or default_shardings(cfg))["eval_batch"]
     ones_BT = place_eval_batch(batch_sh, np.ones((B, T), np.int32))
     return {split: [(*(place_eval_batch(batch_sh, a) for a in data.get_batch(ds, split, B, T, cfg.train.seed,
                                                                             EVAL_STREAM + i)), ones_BT)
