@@ -220,7 +220,7 @@ def test_bfloat16_params_keep_a_bfloat16_cache():
     positions_BT = jnp.broadcast_to(jnp.arange(12), (2, 12))
     cache = model.init_cache(cfg, 2, 16, params["wte"].dtype)
     logits, cache = jax.jit(model.forward_cached, static_argnums=4)(params, tokens_BT, positions_BT, cache, cfg)
-    assert all(a.dtype == jnp.bfloat16 for a in cache["k_BHSK"] + cache["v_BHSK"])
+    assert all(a.dtype == jnp.bfloat16 for a in cache["k_BGSK"] + cache["v_BGSK"])
     expected = jax.jit(model.forward, static_argnums=2)(params, tokens_BT, cfg)
     np.testing.assert_allclose(np.asarray(logits, np.float32), np.asarray(expected, np.float32), atol=0.15, rtol=0.05)
     out = generate(params, cfg, PROMPTS[:2], max_new_tokens=8, temperature=0)

@@ -39,6 +39,37 @@ class GPTConfig:
     """Divide attention scores by sqrt(head width)."""
     scale_attn_by_inverse_layer_idx: bool = False
     """Also divide layer i's attention scores by i + 1 (counting from 0), as GPT2Config's option of that name."""
+    pos: typing.Literal["learned", "rope"] = "learned"
+    """Positions: a learned table added to the token embedding (GPT-2), or rotary embeddings of the queries and keys."""
+    rope_base: float = 10000.0
+    """rope only: the base of the rotary frequencies (HF's rope_theta)."""
+    norm: typing.Literal["layernorm", "rmsnorm"] = "layernorm"
+    """The block and final norms: LayerNorm (with a bias where `bias`) or RMSNorm (a scale only)."""
+    qk_norm: bool = False
+    """RMSNorm on each head's queries and keys (before the rotation), as Qwen3 and modded-nanogpt do."""
+    mlp: typing.Literal["gelu", "relu2", "swiglu"] = "gelu"
+    """gelu: GPT-2's two-layer MLP with `activation`; relu2: two layers with relu(x)**2; swiglu: silu(x W_gate) * (x W_fc), then the projection (Llama)."""
+    n_kv_head: int | None = None
+    """Heads of keys and values (unset: n_head). Fewer is grouped-query attention, 1 multi-query; must divide n_head."""
+    head_dim: int | None = None
+    """Width of a head (unset: n_embd // n_head)."""
+    tie_embeddings: bool = True
+    """The output layer is the token embedding (GPT-2); false gives it a matrix of its own (lm_head)."""
+    logit_softcap: float | None = None
+    """Squash the logits to (-c, c) as c * tanh(logits / c) (Gemma 2, modded-nanogpt); unset: none."""
+    zero_init_proj: bool = False
+    """Start the attention and MLP output projections (and an untied lm_head) at zero (modded-nanogpt)."""
+
+    def __post_init__(self):
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd {self.n_embd} is not a multiple of model.n_head {self.n_head}: "
+                              "change one, or set model.head_dim")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ConfigError(f"model.n_kv_head {self.n_kv_head} must divide model.n_head {self.n_head}")
+        if self.pos == "rope" and (self.head_dim or self.n_embd // self.n_head) % 2:
+            raise ConfigError("rope rotates pairs of a head's dims: make the head width (n_embd // n_head or head_dim) even")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ConfigError(f"model.logit_softcap {self.logit_softcap} must be positive, or unset for none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +94,13 @@ class OptimConfig:
     (warmup-stable-decay: flat, then linear to min_lr over the last decay_fraction of lr_decay_iters)."""
     decay_fraction: float = 0.2
     """wsd only: the share of lr_decay_iters spent decaying."""
+    optimizer: typing.Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW on everything. muon: Muon (optax.contrib.muon) on the blocks' matrices, AdamW at
+    learning_rate on the embeddings, the output head, norms and biases."""
+    muon_learning_rate: float = 0.02
+    """muon only: the matrices' peak learning rate; it follows the same schedule as learning_rate, scaled."""
+    muon_momentum: float = 0.95
+    """muon only: the momentum of Muon's (Nesterov) gradient average."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,10 +10,12 @@ prompt bucket and grows fourfold whenever it fills, rather than holding every sl
 may need from the start (fourfold rather than double: each cache size is one more compiled
 decoding loop, shared by all requests that reach it).
 
-Contexts longer than block_size slide as in nanoGPT: the model sees the last block_size
-tokens at positions 0..block_size-1. With a learned position table a sliding cache cannot
-give that (every token's position shifts by one each step), so once a row passes block_size
-each step recomputes the cropped window in full, exactly as nanoGPT does.
+Contexts longer than block_size slide: the model sees the last block_size tokens. With
+rotary positions the cache itself slides (it wraps around once it holds block_size slots;
+a token's key never changes, so nothing is recomputed). With a learned position table a
+sliding cache cannot give that (every token's position shifts by one each step), so once a
+row passes block_size each step recomputes the cropped window at positions
+0..block_size-1 in full, exactly as nanoGPT does.
 """
 
 import codecs
@@ -90,13 +92,13 @@ def _advance(state: dict, logits_BV, sampling: dict, sampler: tuple) -> dict:
     }
 
 
-def _last_logits(params, h_ND, B: int) -> jax.Array:
+def _last_logits(params, h_ND, B: int, cfg: GPTConfig) -> jax.Array:
     """Logits [B, V] of each row's last position."""
-    h_BD = h_ND.reshape(B, -1, h_ND.shape[-1])[:, -1]
+    h_BD, head_VD = h_ND.reshape(B, -1, h_ND.shape[-1])[:, -1], model.output_embedding(params)
     if B == 1:
-        return h_BD @ params["wte"].T
+        return model.softcap(h_BD @ head_VD.T, cfg)
     # As in model.transpose_kernels: a few rows go ~1.7x faster with the weight on the left.
-    return jax.lax.optimization_barrier(params["wte"] @ h_BD.T).T
+    return model.softcap(jax.lax.optimization_barrier(head_VD @ h_BD.T).T, cfg)
 
 
 def _max_slots(P: int, n_new: int, cfg: GPTConfig) -> int:
@@ -120,17 +122,18 @@ def _prefill(params, prompt_BP, plen_B, live_B, sampling, cfg: GPTConfig, n_new:
         "done_B": ~live_B,
         "step": jnp.zeros((), jnp.int32),
     }
-    return _advance(state, _last_logits(params, h_ND, B), sampling, sampler)
+    return _advance(state, _last_logits(params, h_ND, B, cfg), sampling, sampler)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampler"), donate_argnames=("state",))
 def _decode(params, state, until, sampling, cfg: GPTConfig, sampler):
     """Decodes until `until` new tokens, every row is done, or the cache is full, in compiled
-    loops: one over the cache while every live row fits in block_size, then one over
-    cropped windows."""
+    loops: one over the cache while every live row fits in block_size (under rope: always,
+    the cache sliding once it holds block_size slots), then one over cropped windows."""
     B, S = state["tokens_BS"].shape
     P = state["prompt_slots"]
     bs, slots = cfg.block_size, state["cache"]["pos_BS"].shape[1]
+    slides = cfg.pos == "rope" and slots >= bs
 
     def running(s):
         return (s["step"] < until) & ~jnp.all(s["done_B"])
@@ -139,21 +142,23 @@ def _decode(params, state, until, sampling, cfg: GPTConfig, sampler):
         return jnp.all(s["done_B"] | (s["len_B"] <= bs))
 
     def fits(s):
+        if slides:
+            return running(s)
         return running(s) & in_block(s) & (s["cache"]["index"] < slots)
 
     def cached_step(s):
         last_B1 = jax.lax.dynamic_slice_in_dim(s["tokens_BS"], P + s["step"] - 1, 1, axis=1)
         h_ND, cache = model.hidden_cached(params, last_B1, s["len_B"][:, None] - 1, s["cache"], cfg)
-        return _advance(s | {"cache": cache}, _last_logits(params, h_ND, B), sampling, sampler)
+        return _advance(s | {"cache": cache}, _last_logits(params, h_ND, B, cfg), sampling, sampler)
 
     def window_step(s):
         window_BW = jax.lax.dynamic_slice_in_dim(s["tokens_BS"], P + s["step"] - bs, bs, axis=1)
         pos_BW = jnp.arange(bs)[None, :] - jnp.maximum(bs - s["len_B"], 0)[:, None]
         h_ND, _ = model.hidden_cached(params, window_BW, pos_BW, model.init_cache(cfg, B, bs, params["wte"].dtype), cfg)
-        return _advance(s, _last_logits(params, h_ND, B), sampling, sampler)
+        return _advance(s, _last_logits(params, h_ND, B, cfg), sampling, sampler)
 
     state = jax.lax.while_loop(fits, cached_step, state)
-    if S > bs:  # otherwise no row can outgrow block_size
+    if S > bs and cfg.pos == "learned":  # otherwise no row outgrows block_size, or the cache slides
         state = jax.lax.while_loop(lambda s: running(s) & ~in_block(s), window_step, state)
     return state
 

@@ -51,9 +51,9 @@ class Hook:
 
 
 def layer_groups(tree) -> dict:
-    """A param-shaped tree by layer: wte, wpe, h0, h1, ..., ln_f."""
-    return {"wte": tree["wte"], "wpe": tree["wpe"], **{f"h{i}": b for i, b in enumerate(tree["h"])},
-            "ln_f": tree["ln_f"]}
+    """A param-shaped tree by layer: wte, wpe (with learned positions), h0, h1, ..., ln_f, lm_head (untied)."""
+    return {**{k: tree[k] for k in ("wte", "wpe") if k in tree}, **{f"h{i}": b for i, b in enumerate(tree["h"])},
+            **{k: tree[k] for k in ("ln_f", "lm_head") if k in tree}}
 
 
 class LayerStats(Hook):

@@ -1,7 +1,12 @@
-"""GPT-2: a params pytree and pure functions of (params, tokens, config).
+"""GPT: a params pytree and pure functions of (params, tokens, config).
 
-Shapes live in names: B batch, T time, D width, H heads, K head width, F MLP width (n_inner, 4·D by default),
-V vocab, N = B·T tokens. Matmuls run on 2-D [N, D] activations: XLA:CPU computes
+GPT-2 by default; config switches give the modern variants (rotary positions, RMSNorm,
+QK-norm, relu² or SwiGLU MLPs, grouped-query attention, an untied head, logit soft-capping),
+enough to express Llama and Qwen3.
+
+Shapes live in names: B batch, T time, D width, H heads, G key/value heads (H with plain
+multi-head attention), K head width, F MLP width (n_inner, 4·D by default), V vocab,
+N = B·T tokens. Matmuls run on 2-D [N, D] activations: XLA:CPU computes
 their gradients far faster than those of 3-D ones (see FACTS.md).
 
 Compute follows the params' dtype: called on params cast to bfloat16 (as training does
@@ -34,33 +39,40 @@ def _norm_init(d: int, bias: bool) -> dict:
     return p
 
 
+def head_dims(cfg: GPTConfig) -> tuple[int, int, int]:
+    """(H, G, K): query heads, key/value heads and head width."""
+    return cfg.n_head, cfg.n_kv_head or cfg.n_head, cfg.head_dim or cfg.n_embd // cfg.n_head
+
+
 def init_params(cfg: GPTConfig, key: jax.Array) -> Params:
-    """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layer)."""
+    """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layer)
+    (or zero, under `zero_init_proj`)."""
     D, std = cfg.n_embd, 0.02
-    F = cfg.n_inner if cfg.n_inner is not None else 4 * D
-    proj_std = std / math.sqrt(2 * cfg.n_layer)
-    k_wte, k_wpe, *k_layers = jax.random.split(key, 2 + cfg.n_layer)
+    (H, G, K), F = head_dims(cfg), cfg.n_inner if cfg.n_inner is not None else 4 * D
+    proj_std = 0.0 if cfg.zero_init_proj else std / math.sqrt(2 * cfg.n_layer)
+    norm_bias = cfg.bias and cfg.norm == "layernorm"
+    k_wte, k_wpe, k_head, *k_layers = jax.random.split(key, 3 + cfg.n_layer)
     blocks = []
     for k in k_layers:
-        k_qkv, k_out, k_fc, k_proj = jax.random.split(k, 4)
-        blocks.append({
-            "ln_1": _norm_init(D, cfg.bias),
-            "attn": {
-                "c_attn": _dense_init(k_qkv, D, 3 * D, std, cfg.bias),
-                "c_proj": _dense_init(k_out, D, D, proj_std, cfg.bias),
-            },
-            "ln_2": _norm_init(D, cfg.bias),
-            "mlp": {
-                "c_fc": _dense_init(k_fc, D, F, std, cfg.bias),
-                "c_proj": _dense_init(k_proj, F, D, proj_std, cfg.bias),
-            },
-        })
-    return {
-        "wte": std * jax.random.normal(k_wte, (cfg.vocab_size, D), jnp.float32),
-        "wpe": std * jax.random.normal(k_wpe, (cfg.block_size, D), jnp.float32),
-        "h": blocks,
-        "ln_f": _norm_init(D, cfg.bias),
-    }
+        k_qkv, k_out, k_fc, k_proj, k_gate = jax.random.split(k, 5)
+        attn = {
+            "c_attn": _dense_init(k_qkv, D, (H + 2 * G) * K, std, cfg.bias),
+            "c_proj": _dense_init(k_out, H * K, D, proj_std, cfg.bias),
+        }
+        if cfg.qk_norm:
+            attn |= {"q_norm": _norm_init(K, False), "k_norm": _norm_init(K, False)}
+        mlp = {"c_fc": _dense_init(k_fc, D, F, std, cfg.bias), "c_proj": _dense_init(k_proj, F, D, proj_std, cfg.bias)}
+        if cfg.mlp == "swiglu":
+            mlp["c_gate"] = _dense_init(k_gate, D, F, std, cfg.bias)
+        blocks.append({"ln_1": _norm_init(D, norm_bias), "attn": attn, "ln_2": _norm_init(D, norm_bias), "mlp": mlp})
+    params = {"wte": std * jax.random.normal(k_wte, (cfg.vocab_size, D), jnp.float32)}
+    if cfg.pos == "learned":
+        params["wpe"] = std * jax.random.normal(k_wpe, (cfg.block_size, D), jnp.float32)
+    params |= {"h": blocks, "ln_f": _norm_init(D, norm_bias)}
+    if not cfg.tie_embeddings:  # [V, D] as wte, so that both heads read the same way
+        head_std = 0.0 if cfg.zero_init_proj else std
+        params["lm_head"] = head_std * jax.random.normal(k_head, (cfg.vocab_size, D), jnp.float32)
+    return params
 
 
 def abstract_params(cfg: GPTConfig) -> Params:
@@ -71,14 +83,15 @@ def abstract_params(cfg: GPTConfig) -> Params:
 def count_params(params: Params, cfg: GPTConfig | None = None, *, non_embedding: bool = False) -> int:
     """Number of parameters; `non_embedding` leaves out the position table (as nanoGPT does)."""
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    return n - math.prod(params["wpe"].shape) if non_embedding else n
+    return n - math.prod(params["wpe"].shape) if non_embedding and "wpe" in params else n
 
 
 def flops_per_token(cfg: GPTConfig) -> float:
-    """Training FLOPs per token, forward and backward: 6·N + 12·L·T·D (nanoGPT's and PaLM's
-    count; N are the parameters without the position table, T the context)."""
+    """Training FLOPs per token, forward and backward: 6·N + 12·L·T·H·K (nanoGPT's and PaLM's
+    count; N are the parameters without the position table, T the context, H·K = D for GPT-2)."""
     n = count_params(abstract_params(cfg), non_embedding=True)
-    return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+    H, _, K = head_dims(cfg)
+    return 6 * n + 12 * cfg.n_layer * cfg.block_size * H * K
 
 
 def _dense(p: dict, x_ND: jax.Array) -> jax.Array:
@@ -99,6 +112,17 @@ def _layer_norm(p: dict, x_ND: jax.Array, eps: float) -> jax.Array:
     return y_ND.astype(x_ND.dtype)
 
 
+def _rms_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis in float32, returned in the input's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * p["scale"]
+    return y.astype(x.dtype)
+
+
+def _norm(p: dict, x_ND: jax.Array, cfg: GPTConfig) -> jax.Array:
+    return (_rms_norm if cfg.norm == "rmsnorm" else _layer_norm)(p, x_ND, cfg.layer_norm_eps)
+
+
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     if key is None or rate == 0.0:
         return x
@@ -108,7 +132,7 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 def _score_divisor(cfg: GPTConfig, layer: int) -> float:
     """What layer `layer`'s attention scores are divided by, as in transformers' GPT-2."""
-    divisor = math.sqrt(cfg.n_embd // cfg.n_head) if cfg.scale_attn_weights else 1.0
+    divisor = math.sqrt(head_dims(cfg)[2]) if cfg.scale_attn_weights else 1.0
     return divisor * (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else divisor
 
 
@@ -135,13 +159,15 @@ def attention_implementation(q_BTHK) -> str | None:
     return "cudnn" if _cudnn_attention_compiles(tuple(q_BTHK.shape), q_BTHK.dtype) else None
 
 
-def _attention(q_BTHK, k_BTHK, v_BTHK, divisor: float, rate: float, key: jax.Array | None) -> jax.Array:
+def _attention(q_BTHK, k_BTGK, v_BTGK, divisor: float, rate: float, key: jax.Array | None) -> jax.Array:
     """Causal softmax attention of scores q·k / `divisor`, computed in float32 whatever the
-    inputs' dtype. Without dropout it is `jax.nn.dot_product_attention`, cuDNN's where it applies."""
+    inputs' dtype; each of the G key/value heads serves H / G query heads. Without dropout
+    it is `jax.nn.dot_product_attention`, cuDNN's where it applies."""
     if key is None or rate == 0.0:
-        return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, scale=1 / divisor, is_causal=True,
+        return jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, scale=1 / divisor, is_causal=True,
                                             implementation=attention_implementation(q_BTHK))
-    T = q_BTHK.shape[1]
+    T, H, G = q_BTHK.shape[1], q_BTHK.shape[2], k_BTGK.shape[2]
+    k_BTHK, v_BTHK = (jnp.repeat(a, H // G, axis=2) for a in (k_BTGK, v_BTGK))
     s_BHTT = jnp.einsum("bqhk,bshk->bhqs", q_BTHK, k_BTHK, preferred_element_type=jnp.float32) / divisor
     causal_TT = jnp.tril(jnp.ones((T, T), bool))
     s_BHTT = jnp.where(causal_TT, s_BHTT, jnp.finfo(s_BHTT.dtype).min)
@@ -149,11 +175,30 @@ def _attention(q_BTHK, k_BTHK, v_BTHK, divisor: float, rate: float, key: jax.Arr
     return jnp.einsum("bhqs,bshk->bqhk", p_BHTT, v_BTHK)
 
 
-def _qkv(p: dict, x_ND: jax.Array, B: int, cfg: GPTConfig) -> list[jax.Array]:
-    """The block's queries, keys and values, each [B, T, H, K]."""
-    (N, D), H = x_ND.shape, cfg.n_head
-    qkv_N3D = _dense(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x_ND, cfg.layer_norm_eps))
-    return [a.reshape(B, N // B, H, D // H) for a in jnp.split(qkv_N3D, 3, axis=-1)]
+def _rope(x_BTHK: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding in HF Llama's layout: dim i pairs with dim i + K/2, rotated
+    by position · base^(-2i/K). Computed in float32, returned in the input's dtype."""
+    K = x_BTHK.shape[-1]
+    inv_freq_k = base ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+    angle_BT1k = (positions_BT.astype(jnp.float32)[:, :, None] * inv_freq_k)[:, :, None, :]
+    cos, sin = jnp.cos(angle_BT1k), jnp.sin(angle_BT1k)
+    x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTHK.dtype)
+
+
+def _qkv(p: dict, x_ND: jax.Array, positions_BT: jax.Array, cfg: GPTConfig) -> tuple[jax.Array, ...]:
+    """The block's queries [B, T, H, K], keys and values [B, T, G, K]; under rope, queries
+    and keys rotated by `positions_BT`."""
+    (B, T), (H, G, K) = positions_BT.shape, head_dims(cfg)
+    qkv_N = _dense(p["attn"]["c_attn"], _norm(p["ln_1"], x_ND, cfg))
+    q_NHK, k_NGK, v_NGK = jnp.split(qkv_N, [H * K, (H + G) * K], axis=-1)
+    q_BTHK, k_BTGK, v_BTGK = q_NHK.reshape(B, T, H, K), k_NGK.reshape(B, T, G, K), v_NGK.reshape(B, T, G, K)
+    if cfg.qk_norm:
+        q_BTHK = _rms_norm(p["attn"]["q_norm"], q_BTHK, cfg.layer_norm_eps)
+        k_BTGK = _rms_norm(p["attn"]["k_norm"], k_BTGK, cfg.layer_norm_eps)
+    if cfg.pos == "rope":
+        q_BTHK, k_BTGK = _rope(q_BTHK, positions_BT, cfg.rope_base), _rope(k_BTGK, positions_BT, cfg.rope_base)
+    return q_BTHK, k_BTGK, v_BTGK
 
 
 _ACTIVATIONS = {
@@ -164,54 +209,74 @@ _ACTIVATIONS = {
 
 
 def _mlp_residual(p: dict, x_ND: jax.Array, cfg: GPTConfig, key: jax.Array | None) -> jax.Array:
-    h_NF = _ACTIVATIONS[cfg.activation](_dense(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x_ND, cfg.layer_norm_eps)))
-    return x_ND + _dropout(_dense(p["mlp"]["c_proj"], h_NF), cfg.dropout, key)
+    u_ND, mlp = _norm(p["ln_2"], x_ND, cfg), p["mlp"]
+    if cfg.mlp == "swiglu":
+        h_NF = jax.nn.silu(_dense(mlp["c_gate"], u_ND)) * _dense(mlp["c_fc"], u_ND)
+    elif cfg.mlp == "relu2":
+        h_NF = jnp.square(jax.nn.relu(_dense(mlp["c_fc"], u_ND)))
+    else:
+        h_NF = _ACTIVATIONS[cfg.activation](_dense(mlp["c_fc"], u_ND))
+    return x_ND + _dropout(_dense(mlp["c_proj"], h_NF), cfg.dropout, key)
 
 
-def _block(p: dict, x_ND: jax.Array, B: int, cfg: GPTConfig, layer: int, key: jax.Array | None) -> jax.Array:
+def _block(p: dict, x_ND: jax.Array, positions_BT, cfg: GPTConfig, layer: int, key: jax.Array | None) -> jax.Array:
     k_attn, k_resid1, k_resid2 = jax.random.split(key, 3) if key is not None else (None,) * 3
-    q_BTHK, k_BTHK, v_BTHK = _qkv(p, x_ND, B, cfg)
-    y_ND = _attention(q_BTHK, k_BTHK, v_BTHK, _score_divisor(cfg, layer), cfg.dropout, k_attn).reshape(x_ND.shape)
-    x_ND = x_ND + _dropout(_dense(p["attn"]["c_proj"], y_ND), cfg.dropout, k_resid1)
+    q_BTHK, k_BTGK, v_BTGK = _qkv(p, x_ND, positions_BT, cfg)
+    y_BTHK = _attention(q_BTHK, k_BTGK, v_BTGK, _score_divisor(cfg, layer), cfg.dropout, k_attn)
+    x_ND = x_ND + _dropout(_dense(p["attn"]["c_proj"], y_BTHK.reshape(x_ND.shape[0], -1)), cfg.dropout, k_resid1)
     return _mlp_residual(p, x_ND, cfg, k_resid2)
 
 
 # Under remat, a block keeps the outputs of its weight matmuls and recomputes the cheap
 # rest (LayerNorm, GELU, attention scores) in the backward pass.
-_block_remat = jax.checkpoint(_block, static_argnums=(2, 3, 4),
+_block_remat = jax.checkpoint(_block, static_argnums=(3, 4),
                               policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
 def hidden(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None, *,
            remat: bool = False) -> jax.Array:
-    """Final-LayerNorm hidden states [N, D]. `key` turns dropout on (training); `remat`
+    """Final-norm hidden states [N, D]. `key` turns dropout on (training); `remat`
     recomputes each block's activations in the backward pass instead of storing them."""
     B, T = tokens_BT.shape
     if T > cfg.block_size:
         raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
-    x_BTD = params["wte"][tokens_BT] + params["wpe"][:T]
+    positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    x_BTD = params["wte"][tokens_BT]
+    if cfg.pos == "learned":
+        x_BTD = x_BTD + params["wpe"][:T]
     keys = jax.random.split(key, cfg.n_layer + 1) if key is not None else [None] * (cfg.n_layer + 1)
     x_ND = _dropout(x_BTD.reshape(B * T, -1), cfg.dropout, keys[0])
     block = _block_remat if remat else _block
     for layer, (p_block, k) in enumerate(zip(params["h"], keys[1:])):
-        x_ND = block(p_block, x_ND, B, cfg, layer, k)
-    return _layer_norm(params["ln_f"], x_ND, cfg.layer_norm_eps)
+        x_ND = block(p_block, x_ND, positions_BT, cfg, layer, k)
+    return _norm(params["ln_f"], x_ND, cfg)
 
 
 def forward(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None) -> jax.Array:
-    """Logits float32 [B, T, V] for int tokens [B, T]; the output layer is tied to `wte`."""
+    """Logits float32 [B, T, V] for int tokens [B, T]."""
     B, T = tokens_BT.shape
-    return _logits(params, hidden(params, tokens_BT, cfg, key)).reshape(B, T, -1)
+    return logits(params, hidden(params, tokens_BT, cfg, key), cfg).reshape(B, T, -1)
 
 
-def _logits(params: Params, h_ND: jax.Array) -> jax.Array:
-    return jnp.matmul(h_ND, params["wte"].T, preferred_element_type=jnp.float32)
+def output_embedding(params: Params) -> jax.Array:
+    """The output layer [V, D]: `lm_head` where the model has one, else the token embedding (tied)."""
+    return params["lm_head"] if "lm_head" in params else params["wte"]
+
+
+def softcap(logits_NV: jax.Array, cfg: GPTConfig) -> jax.Array:
+    c = cfg.logit_softcap
+    return logits_NV if c is None else c * jnp.tanh(logits_NV / c)
+
+
+def logits(params: Params, h_ND: jax.Array, cfg: GPTConfig) -> jax.Array:
+    """Float32 logits [N, V] of final hidden states [N, D]."""
+    return softcap(jnp.matmul(h_ND, output_embedding(params).T, preferred_element_type=jnp.float32), cfg)
 
 
 def loss_fn(params: Params, tokens_BT, targets_BT, cfg: GPTConfig, key=None, mask_BT=None, *,
             remat: bool = False) -> jax.Array:
     """Mean next-token cross-entropy; `mask_BT` (0/1) leaves positions out of the mean."""
-    logits_NV = _logits(params, hidden(params, tokens_BT, cfg, key, remat=remat))
+    logits_NV = logits(params, hidden(params, tokens_BT, cfg, key, remat=remat), cfg)
     logz_N = jax.nn.logsumexp(logits_NV, axis=-1)
     target_logit_N = jnp.take_along_axis(logits_NV, targets_BT.reshape(-1, 1), axis=-1)[:, 0]
     nll_N = logz_N - target_logit_N
@@ -228,6 +293,8 @@ def transpose_kernels(params: Params) -> Params:
     `_dense` keeps XLA from folding the transposes back into the original dot."""
 
     def dense_T(p):
+        if "kernel" not in p:  # a norm
+            return p
         return {"kernel_T": p["kernel"].T} | {k: v for k, v in p.items() if k != "kernel"}
 
     blocks = [
@@ -241,67 +308,79 @@ def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=jnp.float32) -> di
     """An empty KV cache of `length` slots per row, its keys and values in `dtype` (the
     compute dtype: the params'). A slot's position is -1 until written.
 
-    Each layer has its own keys and values, stored [batch, head, slot, head width] so that
-    attention reads each head's slots contiguously and no step copies a layer out of a
-    stacked cache."""
-    shape = (batch, cfg.n_head, length, cfg.n_embd // cfg.n_head)
+    Each layer has its own keys and values, stored [batch, key/value head, slot, head width]
+    so that attention reads each head's slots contiguously and no step copies a layer out
+    of a stacked cache. `index` counts the slots written; writes wrap around (see
+    `hidden_cached`)."""
+    _, G, K = head_dims(cfg)
+    shape = (batch, G, length, K)
     return {
-        "k_BHSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
-        "v_BHSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
+        "k_BGSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
+        "v_BGSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
         "pos_BS": jnp.full((batch, length), -1, jnp.int32),
         "index": jnp.zeros((), jnp.int32),
     }
 
 
 def grow_cache(cache: dict, length: int) -> dict:
-    """The cache with empty slots appended up to `length` slots per row."""
+    """The cache with empty slots appended up to `length` slots per row (before any write wrapped)."""
     pad = length - cache["pos_BS"].shape[1]
-    slots_BHSK = ((0, 0), (0, 0), (0, pad), (0, 0))
+    slots_BGSK = ((0, 0), (0, 0), (0, pad), (0, 0))
     return cache | {
-        "k_BHSK": [jnp.pad(a, slots_BHSK) for a in cache["k_BHSK"]],
-        "v_BHSK": [jnp.pad(a, slots_BHSK) for a in cache["v_BHSK"]],
+        "k_BGSK": [jnp.pad(a, slots_BGSK) for a in cache["k_BGSK"]],
+        "v_BGSK": [jnp.pad(a, slots_BGSK) for a in cache["v_BGSK"]],
         "pos_BS": jnp.pad(cache["pos_BS"], ((0, 0), (0, pad)), constant_values=-1),
     }
 
 
-def _block_cached(p: dict, x_ND, kv: tuple, index, mask_B1TS, cfg: GPTConfig, layer: int):
+def _block_cached(p: dict, x_ND, positions_BT, kv: tuple, at, mask_B1TS, cfg: GPTConfig, layer: int):
     """Block `layer`, whose attention reads its cache `kv` after writing this call's keys
-    and values at slot `index`, seeing the slots `mask_B1TS` allows; returns (x_ND, kv)."""
-    N, D = x_ND.shape
-    q_BHTK, k_BHTK, v_BHTK = (a.transpose(0, 2, 1, 3) for a in _qkv(p, x_ND, mask_B1TS.shape[0], cfg))
-    k_BHSK = jax.lax.dynamic_update_slice(kv[0], k_BHTK, (0, 0, index, 0))
-    v_BHSK = jax.lax.dynamic_update_slice(kv[1], v_BHTK, (0, 0, index, 0))
-    s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHSK) / _score_divisor(cfg, layer)
-    p_BHTS = jax.nn.softmax(jnp.where(mask_B1TS, s_BHTS, jnp.finfo(s_BHTS.dtype).min), axis=-1)
-    y_BTHK = jnp.einsum("bhts,bhsk->bthk", p_BHTS, v_BHSK)
-    x_ND = _mlp_residual(p, x_ND + _dense(p["attn"]["c_proj"], y_BTHK.reshape(N, D)), cfg, None)
-    return x_ND, (k_BHSK, v_BHSK)
+    and values at slot `at`, seeing the slots `mask_B1TS` allows; returns (x_ND, kv)."""
+    N, _ = x_ND.shape
+    (B, T), (H, G, K) = positions_BT.shape, head_dims(cfg)
+    q_BTHK, k_BTGK, v_BTGK = _qkv(p, x_ND, positions_BT, cfg)
+    k_BGSK = jax.lax.dynamic_update_slice(kv[0], k_BTGK.transpose(0, 2, 1, 3), (0, 0, at, 0))
+    v_BGSK = jax.lax.dynamic_update_slice(kv[1], v_BTGK.transpose(0, 2, 1, 3), (0, 0, at, 0))
+    q_BGRTK = q_BTHK.reshape(B, T, G, H // G, K).transpose(0, 2, 3, 1, 4)  # R: query heads per key/value head
+    s_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK) / _score_divisor(cfg, layer)
+    p_BGRTS = jax.nn.softmax(jnp.where(mask_B1TS[:, :, None], s_BGRTS, jnp.finfo(s_BGRTS.dtype).min), axis=-1)
+    y_BTGRK = jnp.einsum("bgrts,bgsk->btgrk", p_BGRTS, v_BGSK)
+    x_ND = _mlp_residual(p, x_ND + _dense(p["attn"]["c_proj"], y_BTGRK.reshape(N, H * K)), cfg, None)
+    return x_ND, (k_BGSK, v_BGSK)
 
 
 def hidden_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
-    """`hidden` for tokens written at cache slots [index, index + T): returns ([N, D], cache).
+    """`hidden` for tokens written at cache slots [index, index + T) modulo the cache's
+    length: returns ([N, D], cache).
 
-    Each token attends to the cached slots whose positions lie in [0, its own position]:
-    causal, and blind to padding (position -1). No dropout: this is for inference.
+    Each token attends to the cached slots whose positions lie in its window
+    (its own position - block_size, its own position]: causal, and blind to padding
+    (position -1). Under rope a token's key does not depend on what comes after it, so a
+    cache of at least block_size slots can wrap around and slide past block_size; a
+    learned position table allows no position past block_size - 1 (generate recomputes
+    those). No dropout: this is for inference.
     """
     B, T = tokens_BT.shape
-    index = cache["index"]
-    pos_BS = jax.lax.dynamic_update_slice(cache["pos_BS"], positions_BT, (0, index))
-    kpos_B11S = pos_BS[:, None, None, :]
-    mask_B1TS = (kpos_B11S >= 0) & (kpos_B11S <= positions_BT[:, None, :, None])
-    pos_BT = jnp.clip(positions_BT, 0, cfg.block_size - 1)
-    x_ND = (params["wte"][tokens_BT] + params["wpe"][pos_BT]).reshape(B * T, -1)
+    index, S = cache["index"], cache["pos_BS"].shape[1]
+    at = index % S
+    pos_BS = jax.lax.dynamic_update_slice(cache["pos_BS"], positions_BT, (0, at))
+    kpos_B11S, qpos_B1T1 = pos_BS[:, None, None, :], positions_BT[:, None, :, None]
+    mask_B1TS = (kpos_B11S >= 0) & (kpos_B11S <= qpos_B1T1) & (kpos_B11S > qpos_B1T1 - cfg.block_size)
+    x_BTD = params["wte"][tokens_BT]
+    if cfg.pos == "learned":
+        x_BTD = x_BTD + params["wpe"][jnp.clip(positions_BT, 0, cfg.block_size - 1)]
+    x_ND = x_BTD.reshape(B * T, -1)
     k_cache, v_cache = [], []
-    for layer, (p_block, *kv) in enumerate(zip(params["h"], cache["k_BHSK"], cache["v_BHSK"])):
-        x_ND, (k_BHSK, v_BHSK) = _block_cached(p_block, x_ND, kv, index, mask_B1TS, cfg, layer)
-        k_cache.append(k_BHSK)
-        v_cache.append(v_BHSK)
-    h_ND = _layer_norm(params["ln_f"], x_ND, cfg.layer_norm_eps)
-    return h_ND, {"k_BHSK": k_cache, "v_BHSK": v_cache, "pos_BS": pos_BS, "index": index + T}
+    for layer, (p_block, *kv) in enumerate(zip(params["h"], cache["k_BGSK"], cache["v_BGSK"])):
+        x_ND, (k_BGSK, v_BGSK) = _block_cached(p_block, x_ND, positions_BT, kv, at, mask_B1TS, cfg, layer)
+        k_cache.append(k_BGSK)
+        v_cache.append(v_BGSK)
+    h_ND = _norm(params["ln_f"], x_ND, cfg)
+    return h_ND, {"k_BGSK": k_cache, "v_BGSK": v_cache, "pos_BS": pos_BS, "index": index + T}
 
 
 def forward_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
     """Logits float32 [B, T, V] and the updated cache; see `hidden_cached`."""
     B, T = tokens_BT.shape
     h_ND, cache = hidden_cached(params, tokens_BT, positions_BT, cache, cfg)
-    return _logits(params, h_ND).reshape(B, T, -1), cache
+    return logits(params, h_ND, cfg).reshape(B, T, -1), cache

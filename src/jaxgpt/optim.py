@@ -1,7 +1,7 @@
-"""The optimizer: global-norm clipping, then AdamW with weight decay on matrices only,
-under a learning-rate schedule with linear warmup (nanoGPT's recipe is warmup + cosine
-decay to `min_lr`; constant, linear, rsqrt and warmup-stable-decay are the others), all
-built from optax's schedules."""
+"""The optimizer: global-norm clipping, then AdamW with weight decay on matrices only (or
+Muon on the blocks' matrices and AdamW on the rest), under a learning-rate schedule with
+linear warmup (nanoGPT's recipe is warmup + cosine decay to `min_lr`; constant, linear,
+rsqrt and warmup-stable-decay are the others), all built from optax."""
 
 import jax
 import jax.numpy as jnp
@@ -60,18 +60,32 @@ def decay_mask(params):
 NEVER = 2**31 - 1
 
 
+def muon_labels(params):
+    """'muon' for the kernels of the blocks (the hidden matrices), 'adamw' for the rest."""
+    def label(path, _):
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return "muon" if keys[0] == "h" and keys[-1] == "kernel" else "adamw"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     """The update rule. A step whose gradients are not finite changes nothing and is counted
     (`nonfinite_count`); the training loop decides when too many in a row end the run."""
+    schedule = lr_schedule(cfg)
+    adamw = optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.optimizer == "muon":
+        ratio = cfg.muon_learning_rate / cfg.learning_rate
+        muon = optax.contrib.muon(lambda step: ratio * schedule(step), beta=cfg.muon_momentum,
+                                  weight_decay=cfg.weight_decay)
+        update = optax.partition({"muon": muon, "adamw": adamw}, muon_labels)
+    elif cfg.optimizer == "adamw":
+        update = adamw
+    else:
+        raise ConfigError(f"unknown optim.optimizer {cfg.optimizer!r}: use adamw or muon")
     inner = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
-        optax.adamw(
-            lr_schedule(cfg),
-            b1=cfg.beta1,
-            b2=cfg.beta2,
-            weight_decay=cfg.weight_decay,
-            mask=decay_mask,
-        ),
+        update,
     )
     return optax.apply_if_finite(inner, max_consecutive_errors=NEVER)
 

@@ -32,11 +32,14 @@ BATCH = ("data", "fsdp")  # the axes a batch's rows are split over
 RULES = {
     "wte": ("tensor", "fsdp"),
     "wpe": (None, "fsdp"),
+    "lm_head": ("tensor", "fsdp"),
     "h/attn/c_attn/kernel": ("fsdp", "tensor"),
     "h/attn/c_attn/bias": ("tensor",),
     "h/attn/c_proj/kernel": ("tensor", "fsdp"),
     "h/mlp/c_fc/kernel": ("fsdp", "tensor"),
     "h/mlp/c_fc/bias": ("tensor",),
+    "h/mlp/c_gate/kernel": ("fsdp", "tensor"),
+    "h/mlp/c_gate/bias": ("tensor",),
     "h/mlp/c_proj/kernel": ("tensor", "fsdp"),
 }
 
