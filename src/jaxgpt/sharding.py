@@ -115,11 +115,13 @@ def param_shardings(mesh: Mesh, params):
 
 
 def opt_state_shardings(mesh: Mesh, opt: optax.GradientTransformation, params_sharding, abstract_params):
-    """Each moment takes the sharding of the param it tracks; counters are replicated."""
+    """Each moment takes the sharding of the param it tracks; counters are replicated. Under
+    optax.partition (Muon) a transform's state holds MaskedNode where another tracks the param."""
     abstract_state = jax.eval_shape(opt.init, abstract_params)
     replicated = NamedSharding(mesh, P())
-    return optax.tree_map_params(opt, lambda _, s: s, abstract_state, params_sharding,
-                                 transform_non_params=lambda _: replicated)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return optax.tree_map_params(opt, lambda x, s: x if masked(x) else s, abstract_state, params_sharding,
+                                 transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
