@@ -35,6 +35,17 @@ def run_config(data_dir, out_dir, mesh=MeshConfig(), max_iters=10) -> Config:
     )
 
 
+def modern_config(data_dir, out_dir, mesh=MeshConfig()) -> Config:
+    """run_config with the modern switches and Muon, whose Newton-Schulz runs on fsdp-sharded matrices."""
+    cfg = run_config(data_dir, out_dir, mesh)
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, pos="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", n_head=4,
+                                  n_kv_head=2, tie_embeddings=False),
+        optim=dataclasses.replace(cfg.optim, optimizer="muon", muon_learning_rate=0.02),
+    )
+
+
 def losses(run_dir) -> list[float]:
     records = [json.loads(s) for s in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in sorted(records, key=lambda r: r["step"]) if "loss" in r]
@@ -62,6 +73,9 @@ def eight_device_runs(data_dir: str, out_dir: str) -> dict:
         for shard in (shard for leaf in matrices for shard in leaf.addressable_shards):
             per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
         out[what] = {"total": sum(leaf.nbytes for leaf in matrices), "per_device": list(per_device.values())}
+
+    train.train(modern_config(data_dir, Path(out_dir) / "muon_fsdp8", MESHES["fsdp8"]), log=lambda s: None)
+    out["muon_fsdp8"] = losses(Path(out_dir) / "muon_fsdp8")
 
     resumed = Path(out_dir) / "resumed"
     train.train(run_config(data_dir, resumed, MESHES["fsdp8"], max_iters=5), log=lambda s: None)
@@ -96,6 +110,13 @@ def test_sharded_training_matches_one_device(mesh, one_device, eight_devices):
     assert len(got) == len(one_device) == 10
     np.testing.assert_allclose(got[0], one_device[0], rtol=1e-5)
     np.testing.assert_allclose(got, one_device, rtol=1e-4)
+
+
+def test_muon_under_fsdp_matches_one_device(tiny_dataset, tmp_path, eight_devices):
+    train.train(modern_config(tiny_dataset, tmp_path / "muon"), log=lambda s: None)
+    want = losses(tmp_path / "muon")
+    assert len(want) == 10 and want[-1] < want[0]
+    np.testing.assert_allclose(eight_devices["muon_fsdp8"], want, rtol=1e-4)
 
 
 def test_fsdp_shards_params_and_optimizer_state(eight_devices):
