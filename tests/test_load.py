@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxgpt import checkpoint, cli, data, hf, load, model
+from jaxgpt import tokenizer as tokenizer_lib
 from jaxgpt.config import Config, DataConfig, GPTConfig
 
 TINY = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65, dropout=0.0)
@@ -87,3 +88,19 @@ def test_import_and_help_do_not_import_jax():
             "print(jaxgpt.GPTConfig().n_layer, *(inspect.isfunction(f) for f in (jaxgpt.generate, jaxgpt.forward)))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.split() == ["12", "True", "True"], r.stderr  # the submodule never hides the function
+
+
+def test_an_hf_llama_gives_gpt2s_tokenizer_only_beside_gpt2s_bpe_files(tmp_path):
+    llama = GPTConfig(**{**TINY.__dict__, "pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False})
+    hf.save_hf(llama, model.init_params(llama, jax.random.key(0)), tmp_path / "char")
+    cfg, _, tok = load.load_model(tmp_path / "char", need_tokenizer=False)
+    assert cfg.pos == "rope" and tok is None
+    with pytest.raises(hf.HFError, match="is a Llama checkpoint whose tokenizer jaxgpt does not support"):
+        load.load_model(tmp_path / "char")
+
+    bpe = GPTConfig(**{**llama.__dict__, "vocab_size": 50257})
+    params = model.init_params(bpe, jax.random.key(0))
+    hf.save_hf(bpe, params, tmp_path / "bare")  # a Llama vocabulary of that size need not be GPT-2's
+    assert load.load_model(tmp_path / "bare", need_tokenizer=False)[2] is None
+    hf.save_hf(bpe, params, tmp_path / "bpe", tokenizer=tokenizer_lib.get_tokenizer("gpt2"))
+    assert load.load_model(tmp_path / "bpe")[2].encode("Hello world") == [15496, 995]
