@@ -24,6 +24,29 @@ def test_presets_keep_nanogpts_values():
         assert (c.optim.weight_decay, c.optim.beta1, c.optim.grad_clip) == (0.1, 0.9, 1.0)
 
 
+@pytest.mark.parametrize("name", config.preset_names())
+def test_every_preset_builds_its_model_and_optimizer(name):
+    """Shapes only (jax.eval_shape): a preset whose switches do not fit together fails here."""
+    import jax
+
+    from jaxgpt import model, optim
+
+    cfg = config.load(name)
+    assert config.loads(config.dumps(cfg)) == cfg
+    abstract = model.abstract_params(cfg.model)
+    jax.eval_shape(optim.make_optimizer(cfg.optim).init, abstract)
+    assert model.count_params(abstract) > 0
+
+
+def test_speedrun_presets_use_the_modern_recipe():
+    for name in ("shakespeare-char-speedrun", "gpt2-speedrun"):
+        m, o = config.load(name).model, config.load(name).optim
+        assert (m.pos, m.norm, m.qk_norm, m.mlp, m.tie_embeddings, o.optimizer) == ("rope", "rmsnorm", True, "relu2",
+                                                                                     False, "muon")
+    gpt2 = config.load("gpt2-speedrun")
+    assert (gpt2.model.n_layer, gpt2.model.n_embd, gpt2.model.block_size) == (12, 768, 1024)
+
+
 def test_unknown_key_names_it_and_suggests():
     with pytest.raises(ConfigError, match=r"unknown config key 'model.n_layr' \(did you mean 'n_layer'\?\)"):
         config.loads("[model]\nn_layr = 3\n")
