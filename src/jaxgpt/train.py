@@ -237,6 +237,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                     rlog.status = "stopped"
                     break
                 if (it % tc.eval_interval == 0 or it == tc.max_iters) and not (it == start and evaluated_at_start):
+                    jax.block_until_ready(params)  # the steps dispatched before it are not the eval's time
                     t = time.perf_counter()
                     losses = step.estimate_loss(eval_step, params, eval_batches)
                     seconds["evals"] += time.perf_counter() - t
