@@ -153,6 +153,28 @@ class ConvertArgs:
 
 
 @dataclasses.dataclass
+class ServeArgs:
+    """Serve a run's checkpoint or a Hugging Face GPT-2 over an OpenAI-compatible HTTP API
+    (pip install 'jaxgpt[serve]'): GET /v1/models, POST /v1/completions, POST
+    /v1/chat/completions (for a model whose directory holds a chat template:
+    chat_template.jinja or tokenizer_config.json's chat_template), GET /health and GET
+    /metrics (Prometheus). Requests share --slots decode slots by continuous batching;
+    SIGTERM or Ctrl-C stops new connections and finishes the requests in flight."""
+
+    out_dir: str | None = None
+    """The run directory written by 'jaxgpt train'."""
+    init_from: str | None = None
+    """Instead of a run: a Hugging Face GPT-2 directory or Hub name (gpt2, gpt2-medium, ...)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    slots: int = 16
+    """Sequences decoded together (each choice of a request takes one)."""
+    queue_size: int = 64
+    """Sequences that may wait for a slot; past that a request gets 503 with Retry-After."""
+    checkpoint: Literal["best", "latest"] = "best"
+
+
+@dataclasses.dataclass
 class InfoArgs:
     """Parameters, FLOPs per token and memory per device of a run or a preset, from the
     compiled training step's abstract shapes: nothing is allocated."""
@@ -361,6 +383,15 @@ def cmd_convert(argv: list[str]) -> None:
           f"vocabulary {model_cfg.vocab_size}")
 
 
+def cmd_serve(argv: list[str]) -> None:
+    from jaxgpt import serve
+
+    args = _parse(ServeArgs, argv, "jaxgpt serve")
+    if (args.out_dir is None) == (args.init_from is None):
+        raise config_lib.ConfigError("give either --out-dir RUN_DIR or --init-from gpt2|HF_DIR")
+    serve.serve(args.out_dir or args.init_from, args.checkpoint, args.host, args.port, args.slots, args.queue_size)
+
+
 def cmd_info(argv: list[str]) -> None:
     from jaxgpt import checkpoint, step
 
@@ -387,9 +418,9 @@ def cmd_plot(argv: list[str]) -> None:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-            "lm-eval": cmd_lm_eval, "convert": cmd_convert, "info": cmd_info, "plot": cmd_plot}
+            "lm-eval": cmd_lm_eval, "convert": cmd_convert, "serve": cmd_serve, "info": cmd_info, "plot": cmd_plot}
 
-USAGE = """usage: jaxgpt {prepare,train,sample,eval,lm-eval,convert,info,plot} [--help] ...
+USAGE = """usage: jaxgpt {prepare,train,sample,eval,lm-eval,convert,serve,info,plot} [--help] ...
 
   prepare   text -> token files + meta.json     jaxgpt prepare shakespeare
   train     train a model from a preset/config  jaxgpt train shakespeare-char-cpu
@@ -397,6 +428,7 @@ USAGE = """usage: jaxgpt {prepare,train,sample,eval,lm-eval,convert,info,plot} [
   eval      loss/perplexity or lm-eval tasks    jaxgpt eval --out-dir out/shakespeare-char-cpu
   lm-eval   lm-eval's own command line         jaxgpt lm-eval run --model jaxgpt --model_args pretrained=RUN --tasks hellaswag
   convert   export to Hugging Face GPT-2 layout  jaxgpt convert out/shakespeare-char-cpu hf-dir
+  serve     an OpenAI-compatible HTTP server     jaxgpt serve --out-dir out/shakespeare-char-cpu --port 8000
   info      params, FLOPs and memory of a config jaxgpt info gpt2-124m
   plot      loss curves of runs as a PNG         jaxgpt plot out/a out/b --out loss.png
 

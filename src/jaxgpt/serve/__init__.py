@@ -1,0 +1,38 @@
+"""`jaxgpt serve`: an OpenAI-compatible HTTP server with continuous batching.
+
+`engine` holds the decode slots and is the only code that touches JAX (on its own thread);
+`api` is the FastAPI side. Needs the serve extra: pip install 'jaxgpt[serve]'."""
+
+from pathlib import Path
+
+from jaxgpt.errors import UserError
+
+
+def serve(source: str, which: str = "best", host: str = "127.0.0.1", port: int = 8000, slots: int = 16,
+          queue_size: int = 64) -> None:
+    """Loads `source` (a run directory, an HF directory or a Hub name), compiles, and
+    serves it until SIGINT or SIGTERM, which stop new connections and drain the requests
+    in flight."""
+    try:
+        import uvicorn
+
+        from jaxgpt.serve import api
+    except ImportError as e:
+        raise UserError(f"jaxgpt serve needs {e.name}: pip install 'jaxgpt[serve]'") from None
+    from jaxgpt import load
+    from jaxgpt.serve.engine import Engine
+
+    if slots < 1 or queue_size < 1:
+        raise UserError(f"--slots {slots} and --queue-size {queue_size}: both must be at least 1")
+    cfg, params, tok = load.load_model(source, which)
+    model_id = Path(source).name or str(source)
+    template = api.chat_template(source)
+    print(f"loaded {source}: {cfg.n_layer} layers, width {cfg.n_embd}, context {cfg.block_size}, "
+          f"vocabulary {cfg.vocab_size}; chat template: {'yes' if template else 'none'}", flush=True)
+    print(f"compiling for {slots} slots ...", flush=True)
+    engine = Engine(params, cfg, slots=slots, max_queue=queue_size, log=lambda s: print(s, flush=True))
+    engine.start()
+    engine.ready.wait()
+    app = api.create_app(engine, tok, model_id, template)
+    print(f"listening on http://{host}:{port}/v1 (model {model_id!r})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,447 @@
+"""The serving engine: continuous batching over a fixed number of decode slots.
+
+One thread owns JAX. It takes sequences from a bounded queue, prefills each prompt alone
+(bucketed lengths; a long prompt in chunks, with decode chunks between them so that
+running requests keep streaming), inserts its KV cache into a free row of the batch cache
+and decodes all rows together, a few tokens per compiled call. Between calls it frees the
+rows of finished or cancelled sequences and admits new ones.
+
+The batch cache is a ring: every decode step writes all rows at one shared slot, `head`
+modulo the ring size. Attention masks slots by the positions stored with them, not by their
+order, so a prompt's cache goes into its row just behind the head (rolled into place) and
+the row's later tokens follow it; a row that needs at most ring-size slots is never
+overwritten while it lives. The ring grows (and shrinks back) in a few sizes, so attention
+reads about as many slots as the longest live request needs, not the whole context.
+
+The prefill writes all of a prompt but its last token; the first decode step feeds that
+token and picks the first new one, so the prefill needs no output layer.
+
+Sampling follows `jaxgpt.generate` row for row: the key of new token n of a sequence is
+fold_in(fold_in(key(seed), row), n), so a seeded sequence draws the same tokens alone,
+mixed with others, or as row `row` of `generate(..., seed=seed)`.
+"""
+
+import collections
+import dataclasses
+import functools
+import threading
+import time
+import traceback
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt import model
+from jaxgpt.config import GPTConfig
+from jaxgpt.generate import filter_logits, pow2_bucket
+
+PREFILL_CHUNK = 256  # prompt tokens per prefill call while other rows decode
+TOP_LOGPROBS = 5  # the most alternatives listed with a token's logprob
+SMALLEST_RING = 256  # ring sizes: this times powers of four, up to the context
+
+
+class QueueFull(Exception):
+    """The queue holds as many sequences as it may."""
+
+
+class Draining(Exception):
+    """The engine is shutting down and takes no new sequences."""
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One completion to generate. The engine thread calls `emit(kind, payload)`:
+    ("tokens", (ids, logprobs, top_ids, top_logprobs)) as tokens come (the last three
+    None unless `logprobs`), then once ("done", "stop" | "length" | "cancelled") or
+    ("error", message). `stop_token` ends the sequence and is not emitted."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[str, object], None]
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    row: int = 0
+    logprobs: bool = False
+    stop_token: int | None = None
+    cancelled: bool = False
+    generated: int = 0
+
+    @property
+    def need(self) -> int:
+        """Ring slots the sequence fills: its prompt and every new token but the last."""
+        return len(self.prompt) - 1 + self.max_tokens
+
+
+def _slot_axes(path) -> tuple[int, int] | None:
+    """(batch axis, slot axis) of a cache leaf, read from the shape suffix of its name
+    ("k_BHSK": 0 and 2), or None for a leaf without slots (the write index). Only the
+    names are assumed, so caches of other layouts and head counts work unchanged."""
+    name = next(str(p.key) for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
+    axes = name.rsplit("_", 1)[-1] if "_" in name else ""
+    return (axes.index("B"), axes.index("S")) if "B" in axes and "S" in axes else None
+
+
+def _map_slots(fn, *caches):
+    """`fn(batch_axis, slot_axis, *leaves)` over the slot-holding leaves of `caches`; the
+    other leaves are the first cache's."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf, *rest: leaf if (axes := _slot_axes(path)) is None else fn(*axes, leaf, *rest),
+        *caches,
+    )
+
+
+def _float_dtype(tree):
+    return next(a.dtype for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _prefill(params, cache, tokens_1C, positions_1C, index, cfg: GPTConfig):
+    """Writes one chunk of a prompt into the prompt's own cache at slots [index, index + C)."""
+    _, cache = model.hidden_cached(params, tokens_1C, positions_1C, cache | {"index": index}, cfg)
+    return cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ring"), donate_argnames=("cache",))
+def _insert(cache, prompt_cache, row, head, cfg: GPTConfig, ring: int):
+    """The batch cache with row `row` replaced by `prompt_cache` (one row of L slots),
+    rolled so that its last slot lies just before slot `head`."""
+
+    def place(b_axis, s_axis, big, small, empty):
+        row_cache = jax.lax.dynamic_update_slice_in_dim(empty, small, 0, s_axis)
+        row_cache = jnp.roll(row_cache, head - small.shape[s_axis], axis=s_axis)
+        return jax.lax.dynamic_update_slice_in_dim(big, row_cache, row, b_axis)
+
+    return _map_slots(place, cache, prompt_cache, model.init_cache(cfg, 1, ring, _float_dtype(cache)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ring"))
+def _resize(cache, head, cfg: GPTConfig, ring: int):
+    """The ring rolled so that slot `head` (the oldest) comes first, then padded with empty
+    slots (the head moves to the old size) or cut to its newest `ring` slots (head 0)."""
+
+    def resize(b_axis, s_axis, old, empty):
+        rolled = jnp.roll(old, -head, axis=s_axis)
+        S = old.shape[s_axis]
+        if ring > S:
+            return jax.lax.dynamic_update_slice_in_dim(empty, rolled, 0, s_axis)
+        return jax.lax.slice_in_dim(rolled, S - ring, S, axis=s_axis)
+
+    B = cache["pos_BS"].shape[0]
+    return _map_slots(resize, cache, model.init_cache(cfg, B, ring, _float_dtype(cache)))
+
+
+def _sample(logits_BV, n_B, rows: dict):
+    """Each row's next token under its own settings, as `jaxgpt.generate` picks it.
+    Filters and random draws run only when some row asks for them."""
+    greedy_B = rows["temperature"] == 0
+    temperature_B = jnp.where(greedy_B, 1.0, rows["temperature"])
+
+    def top_k_only(l_V, t, k):
+        return filter_logits(l_V[None], t, k)[0]
+
+    def top_k_and_p(l_V, t, k, p):
+        return filter_logits(l_V[None], t, k, p)[0]
+
+    def filtered(l_BV):
+        # top_k is the vocabulary where a row set none: that keeps every token, exactly
+        k_BV = jax.vmap(top_k_only)(l_BV, temperature_B, rows["top_k"])
+        kp_BV = jax.vmap(top_k_and_p)(l_BV, temperature_B, rows["top_k"], rows["top_p"])
+        return jnp.where(rows["use_top_p"][:, None], kp_BV, k_BV)
+
+    def drawn(l_BV):
+        l_BV = jax.lax.cond(jnp.any(rows["filter"]), filtered, lambda l: l / temperature_B[:, None], l_BV)
+        fold = lambda seed, row, n: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), row), n)  # noqa: E731
+        keys_B = jax.vmap(fold)(rows["seed"], rows["row"], n_B)
+        return jax.vmap(jax.random.categorical)(keys_B, l_BV).astype(jnp.int32)
+
+    sampled_B = jax.lax.cond(jnp.all(greedy_B), lambda l: jnp.zeros(l.shape[:1], jnp.int32), drawn, logits_BV)
+    return jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), sampled_B)
+
+
+def _logprobs(logits_BV, tok_B, want_B):
+    """The model's log-probability of each picked token and its TOP_LOGPROBS most likely
+    alternatives (zeros unless some row wants them)."""
+    B = logits_BV.shape[0]
+
+    def compute(l_BV):
+        lp_BV = jax.nn.log_softmax(l_BV, axis=-1)
+        top_lp_BN, top_ids_BN = jax.lax.top_k(lp_BV, TOP_LOGPROBS)
+        return jnp.take_along_axis(lp_BV, tok_B[:, None], axis=-1)[:, 0], top_ids_BN.astype(jnp.int32), top_lp_BN
+
+    def skip(l_BV):
+        return (jnp.zeros((B,), jnp.float32), jnp.zeros((B, TOP_LOGPROBS), jnp.int32),
+                jnp.zeros((B, TOP_LOGPROBS), jnp.float32))
+
+    return jax.lax.cond(jnp.any(want_B), compute, skip, logits_BV)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ring", "steps"), donate_argnames=("cache",))
+def _decode(params, cache, head, rows: dict, cfg: GPTConfig, ring: int, steps: int):
+    """`steps` decode steps of every row: feeds each live row's last token, picks the next.
+    A row stops being live after its stop token or its max_tokens-th new token.
+    Returns the cache and, per step, [B, steps] tokens, liveness and logprobs."""
+
+    def step(carry, k):
+        cache, last_B, pos_B, n_B, live_B = carry
+        logits_B1V, cache = model.forward_cached(
+            params, last_B[:, None], jnp.where(live_B, pos_B, -1)[:, None], cache | {"index": (head + k) % ring}, cfg
+        )
+        logits_BV = logits_B1V[:, 0]
+        tok_B = _sample(logits_BV, n_B, rows)
+        lp = _logprobs(logits_BV, tok_B, rows["logprobs"] & live_B)
+        next_live_B = live_B & (tok_B != rows["stop"]) & (n_B + 1 < rows["max_tokens"])
+        return (cache, tok_B, pos_B + 1, n_B + 1, next_live_B), (tok_B, live_B, *lp)
+
+    carry = (cache, rows["last"], rows["pos"], rows["n"], rows["live"])
+    (cache, *_), out = jax.lax.scan(step, carry, jnp.arange(steps))
+    return cache, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), out)
+
+
+class Engine:
+    """Continuous batching on one thread. `submit` and `cancel` are safe from any thread."""
+
+    def __init__(self, params, cfg: GPTConfig, slots: int = 16, max_queue: int = 64, decode_chunk: int = 4,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.slots, self.max_queue, self.decode_chunk, self.log = cfg, slots, max_queue, decode_chunk, log
+        self.params = params
+        self.ring_sizes = sorted({min(SMALLEST_RING * 4**k, pow2_bucket(cfg.block_size)) for k in range(8)})
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.ready = threading.Event()
+        self.rows: list[Sequence | None] = [None] * slots
+        self.tokens_per_s = 0.0
+
+    # --- the HTTP side -------------------------------------------------------------
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queues `seqs` (all or none); QueueFull or Draining when it cannot."""
+        with self._lock:
+            if self._stopping:
+                raise Draining
+            self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
+            if len(self._waiting) + len(seqs) > self.max_queue:
+                raise QueueFull
+            self._waiting.extend(seqs)
+        self._wake.set()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        """Frees the slots of `seqs` before the next decode chunk."""
+        for s in seqs:
+            s.cancelled = True
+        self._wake.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(not s.cancelled for s in list(self._waiting))
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.rows)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="jaxgpt-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the engine thread; sequences still queued or running end as cancelled."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    # --- the engine thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        self._setup()
+        self.ready.set()
+        while True:
+            with self._lock:
+                if self._stopping:
+                    break
+            try:
+                self._iteration()
+            except Exception as e:  # a failed JAX call: fail what is in flight, keep serving
+                traceback.print_exc()
+                self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
+        for seq in [*self._waiting, *[s for s in self.rows if s is not None]]:
+            seq.emit("done", "cancelled")
+
+    def _setup(self) -> None:
+        cfg, B = self.cfg, self.slots
+        # Decoding a few rows is faster with the kernels stored [out, in] (see model.transpose_kernels).
+        self.decode_params = jax.jit(model.transpose_kernels)(self.params)
+        self.dtype = _float_dtype(self.params)
+        self.ring = self.ring_sizes[0]
+        self.cache = model.init_cache(cfg, B, self.ring, self.dtype)
+        self.head = 0
+        self._prefilling = None  # (seq, prompt cache, next chunk start, chunk starts)
+        self.host = {
+            "last": np.zeros(B, np.int32), "pos": np.zeros(B, np.int32), "n": np.zeros(B, np.int32),
+            "live": np.zeros(B, bool), "max_tokens": np.ones(B, np.int32), "temperature": np.zeros(B, np.float32),
+            "top_k": np.full(B, cfg.vocab_size, np.int32), "top_p": np.ones(B, np.float32),
+            "use_top_p": np.zeros(B, bool), "filter": np.zeros(B, bool), "seed": np.zeros(B, np.uint32),
+            "row": np.zeros(B, np.int32), "logprobs": np.zeros(B, bool), "stop": np.full(B, -1, np.int32),
+        }
+        self._compile()
+
+    def _compile(self) -> None:
+        """Compiles every decode ring size and prefill bucket now, not under the first requests."""
+        t0 = time.perf_counter()
+        buckets = [b for b in (16 << i for i in range(32)) if b < 2 * pow2_bucket(self.cfg.block_size)]
+        buckets = [b for b in buckets if b <= pow2_bucket(self.cfg.block_size)] or [16]
+        for L in buckets:
+            C = min(L, PREFILL_CHUNK)
+            prompt_cache = model.init_cache(self.cfg, 1, L, self.dtype)
+            _prefill(self.params, prompt_cache, np.zeros((1, C), np.int32), np.full((1, C), -1, np.int32),
+                     np.int32(0), self.cfg)
+        for ring in self.ring_sizes:
+            cache = model.init_cache(self.cfg, self.slots, ring, self.dtype)
+            _decode(self.decode_params, cache, np.int32(0), self.host, self.cfg, ring, self.decode_chunk)
+        self.log(f"compiled {len(buckets)} prefill buckets and {len(self.ring_sizes)} decode ring sizes "
+                 f"({self.slots} slots) in {time.perf_counter() - t0:.1f} s")
+
+    def _iteration(self) -> None:
+        for b, seq in enumerate(self.rows):
+            if seq is not None and seq.cancelled:
+                self._free(b, "cancelled")
+        self._admit()
+        if self.host["live"].any():
+            self._decode_chunk()
+        elif self._prefilling is None:
+            self._wake.wait(0.05)
+            self._wake.clear()
+
+    def _next_waiting(self) -> Sequence | None:
+        with self._lock:
+            while self._waiting:
+                seq = self._waiting.popleft()
+                if not seq.cancelled:
+                    return seq
+                seq.emit("done", "cancelled")
+        return None
+
+    def _admit(self) -> None:
+        """Prefills waiting prompts into free rows: without limit while no row decodes,
+        else at most one chunk of PREFILL_CHUNK tokens before the next decode chunk."""
+        budget = PREFILL_CHUNK if self.host["live"].any() else None
+        while None in self.rows and (budget is None or budget > 0):
+            if self._prefilling is None:
+                seq = self._next_waiting()
+                if seq is None:
+                    return
+                self._start_prefill(seq)
+            seq, prompt_cache, starts = self._prefilling
+            if seq.cancelled:
+                self._prefilling = None
+                seq.emit("done", "cancelled")
+                continue
+            start, tokens_1C, pos_1C = starts.pop(0)
+            prompt_cache = _prefill(self.params, prompt_cache, tokens_1C, pos_1C, np.int32(start), self.cfg)
+            self._prefilling = (seq, prompt_cache, starts)
+            if budget is not None:
+                budget -= tokens_1C.shape[1]
+            if not starts:
+                self._prefilling = None
+                self._insert(seq, prompt_cache)
+
+    def _start_prefill(self, seq: Sequence) -> None:
+        """The prompt but its last token, left-padded to a bucket of L slots, in chunks."""
+        head = seq.prompt[:-1]
+        L = pow2_bucket(max(len(head), 1), 16)
+        C = min(L, PREFILL_CHUNK)
+        tokens_L = np.zeros(L, np.int32)
+        pos_L = np.full(L, -1, np.int32)
+        if head:
+            tokens_L[L - len(head):] = head
+            pos_L[L - len(head):] = np.arange(len(head))
+        chunks = [(s, tokens_L[None, s:s + C], pos_L[None, s:s + C]) for s in range(0, L, C)]
+        chunks = [c for c in chunks if (c[2] >= 0).any()] or chunks[-1:]  # all-padding chunks change nothing
+        self._prefilling = (seq, model.init_cache(self.cfg, 1, L, self.dtype), chunks)
+
+    def _set_ring(self, ring: int) -> None:
+        if ring != self.ring:
+            self.cache = _resize(self.cache, np.int32(self.head % self.ring), self.cfg, ring)
+            self.head = self.ring if ring > self.ring else 0
+            self.ring = ring
+
+    def _fitting_ring(self, need: int) -> int:
+        return next((r for r in self.ring_sizes if r >= need), self.ring_sizes[-1])
+
+    def _insert(self, seq: Sequence, prompt_cache) -> None:
+        need = max([seq.need] + [s.need for s in self.rows if s is not None])
+        if self._fitting_ring(need) > self.ring:
+            self._set_ring(self._fitting_ring(need))
+        b = self.rows.index(None)
+        self.cache = _insert(self.cache, prompt_cache, np.int32(b), np.int32(self.head % self.ring), self.cfg,
+                             self.ring)
+        h, cfg = self.host, self.cfg
+        h["last"][b], h["pos"][b], h["n"][b], h["live"][b] = seq.prompt[-1], len(seq.prompt) - 1, 0, True
+        h["max_tokens"][b] = seq.max_tokens
+        h["temperature"][b] = seq.temperature
+        h["top_k"][b] = min(seq.top_k or cfg.vocab_size, cfg.vocab_size)
+        h["top_p"][b] = seq.top_p or 1.0
+        h["use_top_p"][b] = seq.top_p is not None
+        h["filter"][b] = seq.temperature > 0 and (seq.top_k is not None or seq.top_p is not None)
+        h["seed"][b] = seq.seed % 2**32
+        h["row"][b] = seq.row
+        h["logprobs"][b] = seq.logprobs
+        h["stop"][b] = -1 if seq.stop_token is None else seq.stop_token
+        self.rows[b] = seq
+
+    def _free(self, b: int, reason: str) -> None:
+        seq, self.rows[b] = self.rows[b], None
+        self.host["live"][b] = False
+        seq.emit("done", reason)
+        live = [s.need for s in self.rows if s is not None]
+        if self._fitting_ring(max(live, default=1)) < self.ring and self._prefilling is None:
+            self._set_ring(self._fitting_ring(max(live, default=1)))
+
+    def _decode_chunk(self) -> None:
+        t0 = time.perf_counter()
+        K = self.decode_chunk
+        self.cache, out = _decode(self.decode_params, self.cache, np.int32(self.head % self.ring), self.host,
+                                  self.cfg, self.ring, K)
+        tok_BK, live_BK, lp_BK, top_ids_BKN, top_lp_BKN = jax.device_get(out)
+        self.head += K
+        h, emitted = self.host, 0
+        for b, seq in enumerate(self.rows):
+            if seq is None:
+                continue
+            n = int(live_BK[b].sum())  # live steps come first
+            ids = tok_BK[b, :n].tolist()
+            stopped = n > 0 and ids[-1] == seq.stop_token
+            keep = n - stopped
+            if keep:
+                lp = (lp_BK[b, :keep].tolist(), top_ids_BKN[b, :keep].tolist(), top_lp_BKN[b, :keep].tolist()) \
+                    if seq.logprobs else (None, None, None)
+                seq.generated += keep
+                emitted += keep
+                seq.emit("tokens", (ids[:keep], *lp))
+            if stopped:
+                self._free(b, "stop")
+            elif seq.generated >= seq.max_tokens:
+                self._free(b, "length")
+            else:
+                h["last"][b], h["pos"][b], h["n"][b] = ids[-1], h["pos"][b] + K, h["n"][b] + K
+        self.tokens_per_s = emitted / (time.perf_counter() - t0)
+
+    def _fail_all(self, message: str) -> None:
+        for b, seq in enumerate(self.rows):
+            if seq is not None:
+                self.rows[b] = None
+                self.host["live"][b] = False
+                seq.emit("error", message)
+        if self._prefilling is not None:
+            self._prefilling[0].emit("error", message)
+            self._prefilling = None
+        self.ring = self.ring_sizes[0]
+        self.cache = model.init_cache(self.cfg, self.slots, self.ring, self.dtype)
+        self.head = 0
