@@ -10,8 +10,10 @@ The batch cache is a ring: every decode step writes all rows at one shared slot,
 modulo the ring size. Attention masks slots by the positions stored with them, not by their
 order, so a prompt's cache goes into its row just behind the head (rolled into place) and
 the row's later tokens follow it; a row that needs at most ring-size slots is never
-overwritten while it lives. The ring grows (and shrinks back) in a few sizes, so attention
-reads about as many slots as the longest live request needs, not the whole context.
+overwritten while it lives. The ring grows (and shrinks back) in powers of two from 256, so
+attention reads about as many slots as the longest live request needs, not the whole
+context (GPT-2 124M, 16 rows: ~95 ms a step at 256 slots, ~140 at 512, ~235 at 1024 on
+this 2-core CPU, loaded).
 
 The prefill writes all of a prompt but its last token; the first decode step feeds that
 token and picks the first new one, so the prefill needs no output layer.
@@ -35,11 +37,12 @@ import numpy as np
 
 from jaxgpt import model
 from jaxgpt.config import GPTConfig
+from jaxgpt.generate import _last_logits as last_logits
 from jaxgpt.generate import filter_logits, pow2_bucket
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill call while other rows decode
 TOP_LOGPROBS = 5  # the most alternatives listed with a token's logprob
-SMALLEST_RING = 256  # ring sizes: this times powers of four, up to the context
+SMALLEST_RING = 256  # ring sizes: this times powers of two, up to the context
 
 
 class QueueFull(Exception):
@@ -187,10 +190,10 @@ def _decode(params, cache, head, rows: dict, cfg: GPTConfig, ring: int, steps: i
 
     def step(carry, k):
         cache, last_B, pos_B, n_B, live_B = carry
-        logits_B1V, cache = model.forward_cached(
+        h_ND, cache = model.hidden_cached(
             params, last_B[:, None], jnp.where(live_B, pos_B, -1)[:, None], cache | {"index": (head + k) % ring}, cfg
         )
-        logits_BV = logits_B1V[:, 0]
+        logits_BV = last_logits(params, h_ND, last_B.shape[0])
         tok_B = _sample(logits_BV, n_B, rows)
         lp = _logprobs(logits_BV, tok_B, rows["logprobs"] & live_B)
         next_live_B = live_B & (tok_B != rows["stop"]) & (n_B + 1 < rows["max_tokens"])
@@ -208,7 +211,7 @@ class Engine:
                  log: Callable[[str], None] = print):
         self.cfg, self.slots, self.max_queue, self.decode_chunk, self.log = cfg, slots, max_queue, decode_chunk, log
         self.params = params
-        self.ring_sizes = sorted({min(SMALLEST_RING * 4**k, pow2_bucket(cfg.block_size)) for k in range(8)})
+        self.ring_sizes = sorted({min(SMALLEST_RING << k, max(16, pow2_bucket(cfg.block_size))) for k in range(16)})
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -295,8 +298,7 @@ class Engine:
     def _compile(self) -> None:
         """Compiles every decode ring size and prefill bucket now, not under the first requests."""
         t0 = time.perf_counter()
-        buckets = [b for b in (16 << i for i in range(32)) if b < 2 * pow2_bucket(self.cfg.block_size)]
-        buckets = [b for b in buckets if b <= pow2_bucket(self.cfg.block_size)] or [16]
+        buckets = [16 << i for i in range(32) if 16 << i <= max(16, pow2_bucket(self.cfg.block_size))]
         for L in buckets:
             C = min(L, PREFILL_CHUNK)
             prompt_cache = model.init_cache(self.cfg, 1, L, self.dtype)

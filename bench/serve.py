@@ -1,0 +1,190 @@
+"""Serving: `jaxgpt serve` beside `transformers serve --continuous-batching` on the same weights.
+
+GPT-2 124M shape, random weights saved with jaxgpt.save_hf (with GPT-2's tokenizer files),
+float32 on this machine's CPU. Both servers run at once (an idle one costs nothing) and get
+the same request stream at each concurrency, one server after the other at each level:
+`--requests` streamed /v1/completions, prompts cut from the embedded Shakespeare plays
+(`--min-prompt`..`--max-prompt` GPT-2 tokens, seeded), greedy, `--max-tokens` new tokens.
+Figures follow vLLM's benchmark_serving definitions: TTFT (request sent to first text),
+TPOT ((latency - TTFT) / (output tokens - 1), per request), ITL (gaps between streamed
+chunks with text, all requests pooled; jaxgpt sends a decode chunk of up to 4 tokens per
+event, transformers one event per read of its queue), output tokens/s (all output tokens
+over the wall time of the level), p50 and p99.
+
+    PYTHONPATH=src python bench/serve.py [--concurrency 1 4 16] [--requests 32] [--max-tokens 64]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_weights(path: Path) -> None:
+    import jax
+
+    import jaxgpt
+
+    cfg = jaxgpt.GPTConfig()  # GPT-2 124M
+    jaxgpt.save_hf(cfg, jaxgpt.init_params(cfg, jax.random.key(0)), path, tokenizer=jaxgpt.get_tokenizer("gpt2"))
+
+
+def prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
+    import jaxgpt
+    from jaxgpt import sources
+
+    tok = jaxgpt.get_tokenizer("gpt2")
+    ids = tok.encode("".join(sources.shakespeare_documents())[:400_000])
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length, start = int(rng.integers(lo, hi + 1)), int(rng.integers(0, len(ids) - hi))
+        out.append(tok.decode(ids[start : start + length]))
+    return out
+
+
+def start(name: str, command: list[str], port: int, log: Path) -> subprocess.Popen:
+    print(f"starting {name}: {' '.join(command)}", flush=True)
+    proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.perf_counter()
+    while True:
+        if proc.poll() is not None:
+            sys.exit(f"{name} exited with {proc.returncode}; its output is in {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    print(f"{name} ready after {time.perf_counter() - t0:.1f} s", flush=True)
+    return proc
+
+
+async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    times, tokens, text = [], None, ""
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices") or []:
+                if choice.get("text"):
+                    times.append(time.perf_counter())
+                    text += choice["text"]
+    done = time.perf_counter()
+    return {"sent": sent, "times": times, "done": done, "tokens": tokens, "text": text}
+
+
+async def run_level(url: str, model: str, prompt_texts: list[str], concurrency: int, max_tokens: int) -> dict:
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        async def limited(p):
+            async with limit:
+                return await one_request(http, model, p, max_tokens)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*map(limited, prompt_texts))
+        wall = time.perf_counter() - t0
+    ttft = [r["times"][0] - r["sent"] for r in results]
+    tpot = [(r["done"] - r["times"][0]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    out_tokens = sum(r["tokens"] for r in results)
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
+    return {"concurrency": concurrency, "requests": len(results), "output_tokens": out_tokens, "wall_s": wall,
+            "output_tok_s": out_tokens / wall, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
+            "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99),
+            "texts": [r["text"] for r in results]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--min-prompt", type=int, default=32)
+    ap.add_argument("--max-prompt", type=int, default=256)
+    ap.add_argument("--slots", type=int, default=16, help="jaxgpt serve --slots")
+    ap.add_argument("--servers", nargs="+", default=["jaxgpt", "transformers"], choices=["jaxgpt", "transformers"])
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+
+    import jax
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    weights = work / "gpt2-random"
+    save_weights(weights)
+    texts = prompts(args.requests, args.min_prompt, args.max_prompt)
+    print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{transformers.__version__}, {os.cpu_count()} CPUs; GPT-2 124M random weights in {weights}; "
+          f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, {args.max_tokens} new "
+          "tokens, greedy, streamed", flush=True)
+    bin_dir = Path(sys.executable).parent
+    servers, procs = {}, []
+    try:
+        if "jaxgpt" in args.servers:
+            port = free_port()
+            procs.append(start("jaxgpt", [str(bin_dir / "jaxgpt"), "serve", "--init-from", str(weights), "--port",
+                                          str(port), "--slots", str(args.slots)], port, work / "jaxgpt.log"))
+            servers["jaxgpt"] = (f"http://127.0.0.1:{port}", weights.name)
+        if "transformers" in args.servers:
+            port = free_port()
+            procs.append(start("transformers", [str(bin_dir / "transformers"), "serve", "--continuous-batching",
+                                                "--device", "cpu", "--port", str(port), str(weights)],
+                               port, work / "transformers.log"))
+            servers["transformers"] = (f"http://127.0.0.1:{port}", str(weights))
+        for name, (url, model) in servers.items():  # warm-up, untimed: first-request set-up and compiles
+            asyncio.run(run_level(url, model, texts[:4], 4, 8))
+        rows = []
+        for c in args.concurrency:
+            for name, (url, model) in servers.items():
+                r = asyncio.run(run_level(url, model, texts, c, args.max_tokens))
+                rows.append({"server": name} | r)
+                print(f"{name:12s} c={c:3d}: {r['output_tok_s']:7.1f} output tok/s, TTFT p50/p99 "
+                      f"{r['ttft_p50']:.3f}/{r['ttft_p99']:.3f} s, TPOT p50/p99 {1e3 * r['tpot_p50']:.0f}/"
+                      f"{1e3 * r['tpot_p99']:.0f} ms, ITL p50/p99 {1e3 * r['itl_p50']:.0f}/{1e3 * r['itl_p99']:.0f} ms, "
+                      f"{r['output_tokens']} tokens in {r['wall_s']:.1f} s", flush=True)
+        if len(servers) == 2:
+            same = sum(a == b for a, b in zip(*(r["texts"] for r in rows[-2:])))
+            print(f"greedy texts equal between the servers at the last level: {same} of {args.requests}")
+            for c in args.concurrency:
+                j, t = (next(r for r in rows if r["server"] == s and r["concurrency"] == c) for s in servers)
+                print(f"c={c}: output tok/s {j['output_tok_s'] / t['output_tok_s']:.2f}x transformers, "
+                      f"TTFT p99 {j['ttft_p99']:.2f} s vs {t['ttft_p99']:.2f} s")
+        if args.json:
+            Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "texts"} for r in rows],
+                                                  indent=1))
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
