@@ -357,7 +357,14 @@ def test_sigterm_drains_in_flight_requests(model_dir, loaded):
         proc.kill()
 
 
-def test_serve_cli_errors(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "jaxgpt.cli", "serve", "--out-dir", str(tmp_path / "none")],
-                       capture_output=True, text=True, env=os.environ)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+@pytest.mark.parametrize("argv, needle", [
+    (["--out-dir", "/nonexistent/run"], "/nonexistent/run"),
+    (["--init-from", "/nonexistent/hf", "--port", "PORT"], "cannot listen"),
+])
+def test_serve_cli_errors(server, argv, needle):
+    port = server["url"].rsplit(":", 1)[1]  # taken by the test server
+    argv = [port if a == "PORT" else a for a in argv]
+    r = subprocess.run([sys.executable, "-m", "jaxgpt.cli", "serve", *argv], capture_output=True, text=True,
+                       env=os.environ)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert needle in r.stderr

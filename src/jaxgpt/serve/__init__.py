@@ -3,6 +3,7 @@
 `engine` holds the decode slots and is the only code that touches JAX (on its own thread);
 `api` is the FastAPI side. Needs the serve extra: pip install 'jaxgpt[serve]'."""
 
+import socket
 from pathlib import Path
 
 from jaxgpt.errors import UserError
@@ -24,6 +25,12 @@ def serve(source: str, which: str = "best", host: str = "127.0.0.1", port: int =
 
     if slots < 1 or queue_size < 1:
         raise UserError(f"--slots {slots} and --queue-size {queue_size}: both must be at least 1")
+    with socket.socket() as probe:  # before minutes of loading and compiling, as uvicorn binds
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or --host") from None
     cfg, params, tok = load.load_model(source, which)
     model_id = Path(source).name or str(source)
     template = api.chat_template(source)

@@ -182,11 +182,15 @@ def _logprobs(logits_BV, tok_B, want_B):
     return jax.lax.cond(jnp.any(want_B), compute, skip, logits_BV)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ring", "steps"), donate_argnames=("cache",))
-def _decode(params, cache, head, rows: dict, cfg: GPTConfig, ring: int, steps: int):
-    """`steps` decode steps of every row: feeds each live row's last token, picks the next.
-    A row stops being live after its stop token or its max_tokens-th new token.
-    Returns the cache and, per step, [B, steps] tokens, liveness and logprobs."""
+@functools.partial(jax.jit, static_argnames=("cfg", "ring", "steps", "used"), donate_argnames=("cache",))
+def _decode(params, cache, head, rows: dict, cfg: GPTConfig, ring: int, steps: int, used: int):
+    """`steps` decode steps of the first `used` rows (the others are empty): feeds each live
+    row's last token, picks the next. A row stops being live after its stop token or its
+    max_tokens-th new token. Returns the cache and, per step, [used, steps] tokens,
+    liveness and logprobs."""
+    full = cache
+    cache = _map_slots(lambda b_axis, s_axis, a: jax.lax.slice_in_dim(a, 0, used, axis=b_axis), cache)
+    rows = {k: v[:used] for k, v in rows.items()}
 
     def step(carry, k):
         cache, last_B, pos_B, n_B, live_B = carry
@@ -201,6 +205,8 @@ def _decode(params, cache, head, rows: dict, cfg: GPTConfig, ring: int, steps: i
 
     carry = (cache, rows["last"], rows["pos"], rows["n"], rows["live"])
     (cache, *_), out = jax.lax.scan(step, carry, jnp.arange(steps))
+    cache = _map_slots(lambda b_axis, s_axis, big, a: jax.lax.dynamic_update_slice_in_dim(big, a, 0, b_axis),
+                       full, cache)
     return cache, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), out)
 
 
@@ -211,6 +217,8 @@ class Engine:
                  log: Callable[[str], None] = print):
         self.cfg, self.slots, self.max_queue, self.decode_chunk, self.log = cfg, slots, max_queue, decode_chunk, log
         self.params = params
+        # Few live rows decode in a smaller batch: a step's cost grows with the rows computed.
+        self.row_buckets = sorted({min(4**k, slots) for k in range(16)})
         self.ring_sizes = sorted({min(SMALLEST_RING << k, max(16, pow2_bucket(cfg.block_size))) for k in range(16)})
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -306,9 +314,11 @@ class Engine:
                      np.int32(0), self.cfg)
         for ring in self.ring_sizes:
             cache = model.init_cache(self.cfg, self.slots, ring, self.dtype)
-            _decode(self.decode_params, cache, np.int32(0), self.host, self.cfg, ring, self.decode_chunk)
-        self.log(f"compiled {len(buckets)} prefill buckets and {len(self.ring_sizes)} decode ring sizes "
-                 f"({self.slots} slots) in {time.perf_counter() - t0:.1f} s")
+            for used in self.row_buckets:
+                cache, _ = _decode(self.decode_params, cache, np.int32(0), self.host, self.cfg, ring,
+                                   self.decode_chunk, used)
+        self.log(f"compiled {len(buckets)} prefill buckets and decoding for {len(self.ring_sizes)} ring sizes x "
+                 f"{len(self.row_buckets)} row counts ({self.slots} slots) in {time.perf_counter() - t0:.1f} s")
 
     def _iteration(self) -> None:
         for b, seq in enumerate(self.rows):
@@ -409,12 +419,14 @@ class Engine:
     def _decode_chunk(self) -> None:
         t0 = time.perf_counter()
         K = self.decode_chunk
-        self.cache, out = _decode(self.decode_params, self.cache, np.int32(self.head % self.ring), self.host,
-                                  self.cfg, self.ring, K)
+        last_row = max(b for b, seq in enumerate(self.rows) if seq is not None)
+        used = next(u for u in self.row_buckets if u > last_row)
+        self.cache, out = _decode(self.decode_params, self.cache, np.int32(self.head % self.ring),
+                                  {k: v.copy() for k, v in self.host.items()}, self.cfg, self.ring, K, used)
         tok_BK, live_BK, lp_BK, top_ids_BKN, top_lp_BKN = jax.device_get(out)
         self.head += K
         h, emitted = self.host, 0
-        for b, seq in enumerate(self.rows):
+        for b, seq in enumerate(self.rows[:used]):
             if seq is None:
                 continue
             n = int(live_BK[b].sum())  # live steps come first
