@@ -197,7 +197,7 @@ def _decode(params, cache, head, rows: dict, cfg: GPTConfig, ring: int, steps: i
         h_ND, cache = model.hidden_cached(
             params, last_B[:, None], jnp.where(live_B, pos_B, -1)[:, None], cache | {"index": (head + k) % ring}, cfg
         )
-        logits_BV = last_logits(params, h_ND, last_B.shape[0])
+        logits_BV = last_logits(params, h_ND, last_B.shape[0], cfg)
         tok_B = _sample(logits_BV, n_B, rows)
         lp = _logprobs(logits_BV, tok_B, rows["logprobs"] & live_B)
         next_live_B = live_B & (tok_B != rows["stop"]) & (n_B + 1 < rows["max_tokens"])
