@@ -304,7 +304,8 @@ class Engine:
         self._compile()
 
     def _compile(self) -> None:
-        """Compiles every decode ring size and prefill bucket now, not under the first requests."""
+        """Compiles every prefill bucket, decode ring size and row count, insertion and resize
+        now, not under the first requests."""
         t0 = time.perf_counter()
         buckets = [16 << i for i in range(32) if 16 << i <= max(16, pow2_bucket(self.cfg.block_size))]
         for L in buckets:
@@ -317,6 +318,12 @@ class Engine:
             for used in self.row_buckets:
                 cache, _ = _decode(self.decode_params, cache, np.int32(0), self.host, self.cfg, ring,
                                    self.decode_chunk, used)
+            for L in (L for L in buckets if L <= ring):
+                cache = _insert(cache, model.init_cache(self.cfg, 1, L, self.dtype), np.int32(0), np.int32(0),
+                                self.cfg, ring)
+            for other in self.ring_sizes:
+                if other != ring:
+                    _resize(cache, np.int32(0), self.cfg, other)
         self.log(f"compiled {len(buckets)} prefill buckets and decoding for {len(self.ring_sizes)} ring sizes x "
                  f"{len(self.row_buckets)} row counts ({self.slots} slots) in {time.perf_counter() - t0:.1f} s")
 
