@@ -154,7 +154,7 @@ class ConvertArgs:
 
 @dataclasses.dataclass
 class ServeArgs:
-    """Serve a run's checkpoint or a Hugging Face GPT-2 over an OpenAI-compatible HTTP API
+    """Serve a run's checkpoint or a Hugging Face checkpoint over an OpenAI-compatible HTTP API
     (pip install 'jaxgpt[serve]'): GET /v1/models, POST /v1/completions, POST
     /v1/chat/completions (for a model whose directory holds a chat template:
     chat_template.jinja or tokenizer_config.json's chat_template), GET /health and GET
