@@ -92,7 +92,7 @@ def _advance(state: dict, logits_BV, sampling: dict, sampler: tuple) -> dict:
     }
 
 
-def _last_logits(params, h_ND, B: int, cfg: GPTConfig) -> jax.Array:
+def last_logits(params, h_ND, B: int, cfg: GPTConfig) -> jax.Array:
     """Logits [B, V] of each row's last position."""
     h_BD, head_VD = h_ND.reshape(B, -1, h_ND.shape[-1])[:, -1], model.output_embedding(params)
     if B == 1:
@@ -122,7 +122,7 @@ def _prefill(params, prompt_BP, plen_B, live_B, sampling, cfg: GPTConfig, n_new:
         "done_B": ~live_B,
         "step": jnp.zeros((), jnp.int32),
     }
-    return _advance(state, _last_logits(params, h_ND, B, cfg), sampling, sampler)
+    return _advance(state, last_logits(params, h_ND, B, cfg), sampling, sampler)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampler"), donate_argnames=("state",))
@@ -149,13 +149,13 @@ def _decode(params, state, until, sampling, cfg: GPTConfig, sampler):
     def cached_step(s):
         last_B1 = jax.lax.dynamic_slice_in_dim(s["tokens_BS"], P + s["step"] - 1, 1, axis=1)
         h_ND, cache = model.hidden_cached(params, last_B1, s["len_B"][:, None] - 1, s["cache"], cfg)
-        return _advance(s | {"cache": cache}, _last_logits(params, h_ND, B, cfg), sampling, sampler)
+        return _advance(s | {"cache": cache}, last_logits(params, h_ND, B, cfg), sampling, sampler)
 
     def window_step(s):
         window_BW = jax.lax.dynamic_slice_in_dim(s["tokens_BS"], P + s["step"] - bs, bs, axis=1)
         pos_BW = jnp.arange(bs)[None, :] - jnp.maximum(bs - s["len_B"], 0)[:, None]
         h_ND, _ = model.hidden_cached(params, window_BW, pos_BW, model.init_cache(cfg, B, bs, params["wte"].dtype), cfg)
-        return _advance(s, _last_logits(params, h_ND, B, cfg), sampling, sampler)
+        return _advance(s, last_logits(params, h_ND, B, cfg), sampling, sampler)
 
     state = jax.lax.while_loop(fits, cached_step, state)
     if S > bs and cfg.pos == "learned":  # otherwise no row outgrows block_size, or the cache slides

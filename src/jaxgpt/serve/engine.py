@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxgpt import model
 from jaxgpt.config import GPTConfig
-from jaxgpt.generate import _last_logits as last_logits
+from jaxgpt.generate import last_logits
 from jaxgpt.generate import filter_logits, pow2_bucket
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill call while other rows decode
