@@ -93,13 +93,14 @@ class SampleArgs:
     """Generate text from a trained run's checkpoint or a Hugging Face GPT-2. The first
     sample streams to the terminal as it is generated; all samples run as one batch.
     Contexts longer than block_size slide as in nanoGPT: the model sees only the last
-    block_size tokens, and past that point each new token recomputes the whole window
-    (slower). The prompt itself must fit in block_size."""
+    block_size tokens. Past that point a model with learned positions recomputes the whole
+    window for each new token (slower); a rope model slides its KV cache. The prompt itself
+    must fit in block_size."""
 
     out_dir: str | None = None
     """The run directory written by 'jaxgpt train'."""
     init_from: str | None = None
-    """Instead of a run: a Hugging Face GPT-2 directory or Hub name (gpt2, gpt2-medium, ...)."""
+    """Instead of a run: a Hugging Face GPT-2, Llama or Qwen3 directory, or a Hub name (gpt2, gpt2-medium, ...)."""
     prompt: str = "\n"
     """The text to continue; @FILE reads it from a file."""
     num_samples: int = 3
@@ -164,7 +165,7 @@ class ServeArgs:
     out_dir: str | None = None
     """The run directory written by 'jaxgpt train'."""
     init_from: str | None = None
-    """Instead of a run: a Hugging Face GPT-2 directory or Hub name (gpt2, gpt2-medium, ...)."""
+    """Instead of a run: a Hugging Face GPT-2, Llama or Qwen3 directory, or a Hub name (gpt2, gpt2-medium, ...)."""
     host: str = "127.0.0.1"
     port: int = 8000
     slots: int = 16
