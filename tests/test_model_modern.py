@@ -34,6 +34,18 @@ VARIANTS = {
 }
 
 
+def _greedy_full(params, cfg: GPTConfig, prompt: list[int], n: int) -> list[int]:
+    """`n` greedy tokens, each from a full forward of the whole sequence so far (padded to
+    block_size at the end, which causal attention never sees: one compiled forward)."""
+    forward = jax.jit(model.forward, static_argnums=2)
+    seq = list(prompt)
+    for _ in range(n):
+        padded = np.zeros((1, cfg.block_size), np.int32)
+        padded[0, :len(seq)] = seq
+        seq.append(int(jnp.argmax(forward(params, padded, cfg)[0, len(seq) - 1])))
+    return seq[len(prompt):]
+
+
 def _cfg(name: str) -> GPTConfig:
     return dataclasses.replace(BASE, **VARIANTS[name])
 
@@ -139,10 +151,7 @@ def test_cached_generation_equals_full_recompute(name):
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     got = generate(params, cfg, prompts, max_new_tokens=9, temperature=0)
     for prompt, new in zip(prompts, got):
-        seq = list(prompt)
-        for _ in range(9):
-            seq.append(int(jnp.argmax(model.forward(params, jnp.asarray([seq]), cfg)[0, -1])))
-        assert new == seq[len(prompt):]
+        assert new == _greedy_full(params, cfg, prompt, 9)
 
 
 def test_rope_cache_slides_past_block_size():
@@ -153,17 +162,16 @@ def test_rope_cache_slides_past_block_size():
     prompt, n_new = [3, 1, 4, 1, 5], 3 * cfg.block_size
     got = generate(params, cfg, [prompt], max_new_tokens=n_new, temperature=0)[0]
     seq = list(prompt)
+    forward_cached = jax.jit(model.forward_cached, static_argnums=4)
     cache = model.init_cache(cfg, 1, len(prompt) + n_new)
-    logits, cache = model.forward_cached(params, jnp.asarray([seq]), jnp.arange(len(seq))[None], cache, cfg)
+    logits, cache = forward_cached(params, jnp.asarray([seq]), jnp.arange(len(seq))[None], cache, cfg)
     for _ in range(n_new):
         seq.append(int(jnp.argmax(logits[0, -1])))
-        logits, cache = model.forward_cached(params, jnp.asarray([seq[-1:]]), jnp.asarray([[len(seq) - 1]]), cache, cfg)
+        logits, cache = forward_cached(params, jnp.asarray([seq[-1:]]), jnp.asarray([[len(seq) - 1]]), cache, cfg)
     assert got == seq[len(prompt):]
     # Within block_size the window is the whole sequence: the first tokens equal full recompute.
-    full = list(prompt)
-    while len(full) < cfg.block_size:
-        full.append(int(jnp.argmax(model.forward(params, jnp.asarray([full]), cfg)[0, -1])))
-    assert got[: cfg.block_size - len(prompt)] == full[len(prompt):]
+    n_within = cfg.block_size - len(prompt)
+    assert got[:n_within] == _greedy_full(params, cfg, prompt, n_within)
 
 
 def test_zero_init_projections():
@@ -208,15 +216,19 @@ def test_muon_step_equals_optax_composed_by_hand():
     train_step = step.make_train_step(cfg, opt)
     params = jax.tree.map(jnp.copy, params0)  # the step donates its params
     opt_state = opt.init(params)
+    @jax.jit
+    def step_by_hand(want, want_state, x_BT, y_BT):
+        grads = jax.grad(model.loss_fn)(want, x_BT, y_BT, cfg.model)
+        updates, want_state = by_hand.update(grads, want_state, want)
+        return optax.apply_updates(want, updates), want_state
+
     want, want_state = params0, by_hand.init(params0)
     rng = np.random.default_rng(0)
     for it in range(3):
         x_BT = rng.integers(0, cfg.model.vocab_size, (4, cfg.model.block_size)).astype(np.int32)
         y_BT = np.roll(x_BT, -1, axis=1)
         params, opt_state, _, _ = train_step(params, opt_state, x_BT[None], y_BT[None], it)
-        grads = jax.grad(model.loss_fn)(want, jnp.asarray(x_BT), jnp.asarray(y_BT), cfg.model)
-        updates, want_state = by_hand.update(grads, want_state, want)
-        want = optax.apply_updates(want, updates)
+        want, want_state = step_by_hand(want, want_state, x_BT, y_BT)
     for got_leaf, want_leaf, leaf0 in zip(jax.tree.leaves(params), jax.tree.leaves(want), jax.tree.leaves(params0)):
         assert np.abs(np.asarray(want_leaf) - np.asarray(leaf0)).max() > 0  # every leaf moved
         np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=1e-4, atol=1e-6)
