@@ -102,7 +102,8 @@ def last_logits(params, h_ND, B: int, cfg: GPTConfig) -> jax.Array:
 
 
 def _max_slots(P: int, n_new: int, cfg: GPTConfig) -> int:
-    """Cache slots a request can fill: the cached phase ends before any row passes block_size."""
+    """Cache slots a request can fill: with learned positions the cached phase ends before any
+    row passes block_size; under rope these slots (>= block_size once a row can pass it) are the ring."""
     return P + min(n_new, cfg.block_size)
 
 
