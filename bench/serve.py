@@ -1,8 +1,9 @@
 """Serving: `jaxgpt serve` beside `transformers serve --continuous-batching` on the same weights.
 
 GPT-2 124M shape, random weights saved with jaxgpt.save_hf (with GPT-2's tokenizer files),
-float32 on this machine's CPU. Both servers run at once (an idle one costs nothing) and get
-the same request stream at each concurrency, one server after the other at each level:
+float32 on this machine's CPU. One server runs at a time (started, warmed up, measured at
+every level, stopped; an idle `transformers serve` holds ~13 GB) and each gets the same
+request stream at each concurrency:
 `--requests` streamed /v1/completions, prompts cut from the embedded Shakespeare plays
 (`--min-prompt`..`--max-prompt` GPT-2 tokens, seeded), greedy, `--max-tokens` new tokens.
 Figures follow vLLM's benchmark_serving definitions: TTFT (request sent to first text),
@@ -146,44 +147,41 @@ def main():
           f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, {args.max_tokens} new "
           "tokens, greedy, streamed", flush=True)
     bin_dir = Path(sys.executable).parent
-    servers, procs = {}, []
-    try:
-        if "jaxgpt" in args.servers:
-            port = free_port()
-            procs.append(start("jaxgpt", [str(bin_dir / "jaxgpt"), "serve", "--init-from", str(weights), "--port",
-                                          str(port), "--slots", str(args.slots)], port, work / "jaxgpt.log"))
-            servers["jaxgpt"] = (f"http://127.0.0.1:{port}", weights.name)
-        if "transformers" in args.servers:
-            port = free_port()
-            procs.append(start("transformers", [str(bin_dir / "transformers"), "serve", "--continuous-batching",
-                                                "--device", "cpu", "--port", str(port), str(weights)],
-                               port, work / "transformers.log"))
-            servers["transformers"] = (f"http://127.0.0.1:{port}", str(weights))
-        for name, (url, model) in servers.items():  # warm-up, untimed: first-request set-up and compiles
-            asyncio.run(run_level(url, model, texts[:4], 4, 8))
-        rows = []
-        for c in args.concurrency:
-            for name, (url, model) in servers.items():
+    commands = {
+        "jaxgpt": ([str(bin_dir / "jaxgpt"), "serve", "--init-from", str(weights), "--slots", str(args.slots),
+                    "--port"], weights.name),
+        "transformers": ([str(bin_dir / "transformers"), "serve", "--continuous-batching", "--device", "cpu",
+                          str(weights), "--port"], str(weights)),
+    }
+    rows = []
+    for name in args.servers:
+        command, model = commands[name]
+        port = free_port()
+        proc = start(name, command + [str(port)], port, work / f"{name}.log")
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(run_level(url, model, texts[:4], 4, 8))  # warm-up, untimed: first-request set-up
+            for c in args.concurrency:
                 r = asyncio.run(run_level(url, model, texts, c, args.max_tokens))
                 rows.append({"server": name} | r)
                 print(f"{name:12s} c={c:3d}: {r['output_tok_s']:7.1f} output tok/s, TTFT p50/p99 "
                       f"{r['ttft_p50']:.3f}/{r['ttft_p99']:.3f} s, TPOT p50/p99 {1e3 * r['tpot_p50']:.0f}/"
                       f"{1e3 * r['tpot_p99']:.0f} ms, ITL p50/p99 {1e3 * r['itl_p50']:.0f}/{1e3 * r['itl_p99']:.0f} ms, "
                       f"{r['output_tokens']} tokens in {r['wall_s']:.1f} s", flush=True)
-        if len(servers) == 2:
-            same = sum(a == b for a, b in zip(*(r["texts"] for r in rows[-2:])))
-            print(f"greedy texts equal between the servers at the last level: {same} of {args.requests}")
-            for c in args.concurrency:
-                j, t = (next(r for r in rows if r["server"] == s and r["concurrency"] == c) for s in servers)
-                print(f"c={c}: output tok/s {j['output_tok_s'] / t['output_tok_s']:.2f}x transformers, "
-                      f"TTFT p99 {j['ttft_p99']:.2f} s vs {t['ttft_p99']:.2f} s")
-        if args.json:
-            Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "texts"} for r in rows],
-                                                  indent=1))
-    finally:
-        for proc in procs:
+        finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
+    if len(args.servers) == 2:
+        last = [next(r for r in rows if r["server"] == s and r["concurrency"] == args.concurrency[-1])
+                for s in args.servers]
+        same = sum(a == b for a, b in zip(*(r["texts"] for r in last)))
+        print(f"greedy texts equal between the servers at the last level: {same} of {args.requests}")
+        for c in args.concurrency:
+            j, t = (next(r for r in rows if r["server"] == s and r["concurrency"] == c) for s in args.servers)
+            print(f"c={c}: {args.servers[0]} output tok/s {j['output_tok_s'] / t['output_tok_s']:.2f}x "
+                  f"{args.servers[1]}'s, TTFT p99 {j['ttft_p99']:.2f} s vs {t['ttft_p99']:.2f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "texts"} for r in rows], indent=1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from jaxgpt import hf, load, model  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.generate import generate  # noqa: E402
 from jaxgpt.serve import api  # noqa: E402
+from jaxgpt.serve import engine as engine_mod  # noqa: E402
 from jaxgpt.serve.engine import Engine, QueueFull, Sequence  # noqa: E402
 
 # A context of 512 gives two ring sizes (256, 512), and prompts past 256 tokens are
@@ -107,6 +108,23 @@ def test_completions_equal_generate(server, client, loaded):
     stream = client.completions.create(model=server["model"], prompt=PROMPTS[0], max_tokens=24, temperature=0,
                                        stream=True, echo=True)
     assert "".join(c.choices[0].text for c in stream) == PROMPTS[0] + expected[0]
+
+
+def test_short_prompts_are_prefilled_in_shared_calls():
+    """The prefill plan covers every prompt once, in a bucket that holds it, in calls of an
+    allowed row count within the token cap; prompts of one bucket share calls."""
+    buckets = engine_mod.short_buckets(1024)
+    assert buckets == [16, 24, 32, 48, 64, 96, 128, 192, 256]
+    assert engine_mod.short_buckets(64) == [16, 24, 32, 48, 64]
+    rng = np.random.default_rng(0)
+    lengths = [0, 1, 16, 17, 255, 256] + rng.integers(1, 257, size=40).tolist()
+    calls = engine_mod._prefill_calls(lengths, buckets)
+    assert sorted(i for _, idx in calls for i in idx) == list(range(len(lengths)))
+    for L, idx in calls:
+        assert len(idx) in engine_mod.PREFILL_ROWS and (len(idx) == 1 or len(idx) * L <= engine_mod.PREFILL_TOKENS)
+        assert all(engine_mod._bucket(max(lengths[i], 1), buckets) == L for i in idx)
+    sixteen = engine_mod._prefill_calls([20] * 16 + [100] * 5, buckets)
+    assert [(L, len(idx)) for L, idx in sixteen] == [(128, 4), (128, 1), (24, 16)]
 
 
 def test_seeded_sampling_alone_equals_mixed_and_generate(server, client, loaded):

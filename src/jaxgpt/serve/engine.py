@@ -1,10 +1,11 @@
 """The serving engine: continuous batching over a fixed number of decode slots.
 
-One thread owns JAX. It takes sequences from a bounded queue, prefills each prompt alone
-(bucketed lengths; a long prompt in chunks, with decode chunks between them so that
-running requests keep streaming), inserts its KV cache into a free row of the batch cache
-and decodes all rows together, a few tokens per compiled call. Between calls it frees the
-rows of finished or cancelled sequences and admits new ones.
+One thread owns JAX. It takes sequences from a bounded queue and prefills their prompts:
+short ones several at once, as the rows of one call (prompts of one length bucket
+together), a long one alone in chunks, with decode chunks between them so that running
+requests keep streaming. It inserts each prompt's KV cache into a free row of the batch
+cache and decodes all rows together, a few tokens per compiled call. Between calls it frees
+the rows of finished or cancelled sequences and admits new ones.
 
 The batch cache is a ring: every decode step writes all rows at one shared slot, `head`
 modulo the ring size. Attention masks slots by the positions stored with them, not by their
@@ -40,7 +41,9 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.generate import last_logits
 from jaxgpt.generate import filter_logits, pow2_bucket
 
-PREFILL_CHUNK = 256  # prompt tokens per prefill call while other rows decode
+PREFILL_CHUNK = 256  # prompt tokens per prefill call while other rows decode; longer prompts go in chunks
+PREFILL_ROWS = (1, 4, 16)  # short prompts of one length bucket prefilled together, in calls of these many rows
+PREFILL_TOKENS = 1024  # the most padded prompt tokens (rows x bucket) in one prefill call
 TOP_LOGPROBS = 5  # the most alternatives listed with a token's logprob
 SMALLEST_RING = 256  # ring sizes: this times powers of two, up to the context
 
@@ -102,10 +105,43 @@ def _float_dtype(tree):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _prefill(params, cache, tokens_1C, positions_1C, index, cfg: GPTConfig):
-    """Writes one chunk of a prompt into the prompt's own cache at slots [index, index + C)."""
-    _, cache = model.hidden_cached(params, tokens_1C, positions_1C, cache | {"index": index}, cfg)
+def _prefill(params, cache, tokens_PC, positions_PC, index, cfg: GPTConfig):
+    """Writes one chunk of P prompts into their own P-row cache at slots [index, index + C)."""
+    _, cache = model.hidden_cached(params, tokens_PC, positions_PC, cache | {"index": index}, cfg)
     return cache
+
+
+@jax.jit
+def _take_row(cache, row):
+    """Row `row` of a prompt cache, as a one-row cache."""
+    return _map_slots(lambda b_axis, s_axis, a: jax.lax.dynamic_slice_in_dim(a, row, 1, b_axis), cache)
+
+
+def short_buckets(block_size: int) -> list[int]:
+    """Padded lengths of the prompts prefilled in one chunk: powers of two from 16 and 1.5
+    times them, up to PREFILL_CHUNK (finer than powers of two alone: less padding computed)."""
+    top = min(PREFILL_CHUNK, max(16, pow2_bucket(block_size)))
+    return sorted(L for k in range(4, 32) for L in (1 << k, 3 << (k - 1)) if L <= top)
+
+
+def _bucket(n: int, buckets: list[int]) -> int:
+    return next(L for L in buckets if L >= n)
+
+
+def _prefill_calls(lengths: list[int], buckets: list[int]) -> list[tuple[int, list[int]]]:
+    """How to prefill prompts of these lengths (the tokens before the last, each within
+    the largest of `buckets`): [(bucket L, indices of the prompts in one call)], each call
+    of a row count in PREFILL_ROWS with rows x L at most PREFILL_TOKENS (or one row)."""
+    by_bucket = collections.defaultdict(list)
+    for i, n in enumerate(lengths):
+        by_bucket[_bucket(max(n, 1), buckets)].append(i)
+    calls = []
+    for L, todo in sorted(by_bucket.items(), reverse=True):
+        while todo:
+            P = max(p for p in PREFILL_ROWS if p <= len(todo) and (p == 1 or p * L <= PREFILL_TOKENS))
+            calls.append((L, todo[:P]))
+            todo = todo[P:]
+    return calls
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ring"), donate_argnames=("cache",))
@@ -219,6 +255,7 @@ class Engine:
         self.params = params
         # Few live rows decode in a smaller batch: a step's cost grows with the rows computed.
         self.row_buckets = sorted({min(4**k, slots) for k in range(16)})
+        self.short_buckets = short_buckets(cfg.block_size)
         self.ring_sizes = sorted({min(SMALLEST_RING << k, max(16, pow2_bucket(cfg.block_size))) for k in range(16)})
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -308,23 +345,28 @@ class Engine:
         now, not under the first requests."""
         t0 = time.perf_counter()
         buckets = [16 << i for i in range(32) if 16 << i <= max(16, pow2_bucket(self.cfg.block_size))]
-        for L in buckets:
+        lengths = sorted(set(buckets) | set(self.short_buckets))
+        prefill_shapes = [(P, L) for L in lengths for P in PREFILL_ROWS
+                          if P == 1 or (L <= PREFILL_CHUNK and P * L <= PREFILL_TOKENS)]
+        for P, L in prefill_shapes:
             C = min(L, PREFILL_CHUNK)
-            prompt_cache = model.init_cache(self.cfg, 1, L, self.dtype)
-            _prefill(self.params, prompt_cache, np.zeros((1, C), np.int32), np.full((1, C), -1, np.int32),
-                     np.int32(0), self.cfg)
+            prompt_cache = model.init_cache(self.cfg, P, L, self.dtype)
+            prompt_cache = _prefill(self.params, prompt_cache, np.zeros((P, C), np.int32),
+                                    np.full((P, C), -1, np.int32), np.int32(0), self.cfg)
+            if P > 1:
+                _take_row(prompt_cache, np.int32(0))
         for ring in self.ring_sizes:
             cache = model.init_cache(self.cfg, self.slots, ring, self.dtype)
             for used in self.row_buckets:
                 cache, _ = _decode(self.decode_params, cache, np.int32(0), self.host, self.cfg, ring,
                                    self.decode_chunk, used)
-            for L in (L for L in buckets if L <= ring):
+            for L in (L for L in lengths if L <= ring):
                 cache = _insert(cache, model.init_cache(self.cfg, 1, L, self.dtype), np.int32(0), np.int32(0),
                                 self.cfg, ring)
             for other in self.ring_sizes:
                 if other != ring:
                     _resize(cache, np.int32(0), self.cfg, other)
-        self.log(f"compiled {len(buckets)} prefill buckets and decoding for {len(self.ring_sizes)} ring sizes x "
+        self.log(f"compiled {len(prefill_shapes)} prefill shapes and decoding for {len(self.ring_sizes)} ring sizes x "
                  f"{len(self.row_buckets)} row counts ({self.slots} slots) in {time.perf_counter() - t0:.1f} s")
 
     def _iteration(self) -> None:
@@ -347,12 +389,64 @@ class Engine:
                 seq.emit("done", "cancelled")
         return None
 
+    def _short_prompts(self, free: int, budget: int | None) -> list[Sequence]:
+        """The waiting sequences at the head of the queue whose prompts fit one prefill chunk:
+        at most `free`, and (after the first) at most `budget` padded prompt tokens in all."""
+        seqs, tokens = [], 0
+        with self._lock:
+            while self._waiting and len(seqs) < free:
+                seq = self._waiting[0]
+                if seq.cancelled:
+                    self._waiting.popleft()
+                    seq.emit("done", "cancelled")
+                    continue
+                if len(seq.prompt) - 1 > self.short_buckets[-1]:
+                    break
+                n = _bucket(max(len(seq.prompt) - 1, 1), self.short_buckets)
+                if seqs and budget is not None and tokens + n > budget:
+                    break
+                seqs.append(self._waiting.popleft())
+                tokens += n
+        return seqs
+
+    def _prefill_short(self, seqs: list[Sequence]) -> int:
+        """Prefills these prompts (each within one chunk) in calls of several rows and inserts
+        each into a free row; returns the padded prompt tokens computed."""
+        heads = [s.prompt[:-1] for s in seqs]
+        computed, pending = 0, set(range(len(seqs)))
+        try:
+            for L, idx in _prefill_calls([len(h) for h in heads], self.short_buckets):
+                tokens_PL, pos_PL = np.zeros((len(idx), L), np.int32), np.full((len(idx), L), -1, np.int32)
+                for r, i in enumerate(idx):  # left-padded: the prompt ends at the bucket's last slot
+                    n = len(heads[i])
+                    if n:
+                        tokens_PL[r, L - n:], pos_PL[r, L - n:] = heads[i], np.arange(n)
+                cache = _prefill(self.params, model.init_cache(self.cfg, len(idx), L, self.dtype), tokens_PL, pos_PL,
+                                 np.int32(0), self.cfg)
+                computed += tokens_PL.size
+                for r, i in enumerate(idx):
+                    pending.discard(i)
+                    if seqs[i].cancelled:
+                        seqs[i].emit("done", "cancelled")
+                    else:
+                        self._insert(seqs[i], cache if len(idx) == 1 else _take_row(cache, np.int32(r)))
+        except Exception as e:  # the rows' sequences are failed by the caller; these are in no row yet
+            for i in pending:
+                seqs[i].emit("error", f"the engine failed: {type(e).__name__}: {e}")
+            raise
+        return computed
+
     def _admit(self) -> None:
         """Prefills waiting prompts into free rows: without limit while no row decodes,
-        else at most one chunk of PREFILL_CHUNK tokens before the next decode chunk."""
+        else about PREFILL_CHUNK prompt tokens before the next decode chunk."""
         budget = PREFILL_CHUNK if self.host["live"].any() else None
         while None in self.rows and (budget is None or budget > 0):
             if self._prefilling is None:
+                short = self._short_prompts(self.rows.count(None), budget)
+                if short:
+                    computed = self._prefill_short(short)
+                    budget = None if budget is None else budget - computed
+                    continue
                 seq = self._next_waiting()
                 if seq is None:
                     return
@@ -372,7 +466,7 @@ class Engine:
                 self._insert(seq, prompt_cache)
 
     def _start_prefill(self, seq: Sequence) -> None:
-        """The prompt but its last token, left-padded to a bucket of L slots, in chunks."""
+        """A long prompt but its last token, left-padded to a bucket of L slots, in chunks."""
         head = seq.prompt[:-1]
         L = pow2_bucket(max(len(head), 1), 16)
         C = min(L, PREFILL_CHUNK)
@@ -386,10 +480,14 @@ class Engine:
         self._prefilling = (seq, model.init_cache(self.cfg, 1, L, self.dtype), chunks)
 
     def _set_ring(self, ring: int) -> None:
-        if ring != self.ring:
+        if ring == self.ring:
+            return
+        if all(s is None for s in self.rows):  # nothing to keep: a fresh ring, no copy
+            self.cache, self.head = model.init_cache(self.cfg, self.slots, ring, self.dtype), 0
+        else:
             self.cache = _resize(self.cache, np.int32(self.head % self.ring), self.cfg, ring)
             self.head = self.ring if ring > self.ring else 0
-            self.ring = ring
+        self.ring = ring
 
     def _fitting_ring(self, need: int) -> int:
         return next((r for r in self.ring_sizes if r >= need), self.ring_sizes[-1])
