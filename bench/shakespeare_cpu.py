@@ -29,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import nanogpt  # noqa: E402
 
 
-def side_by_side(data_dir: Path, rounds: int, steps: int = 25) -> tuple[list[float], list[float]]:
-    """ms/step of jaxgpt (on the preset's devices) and of PyTorch eager, alternating on the same batches."""
+def side_by_side(data_dir: Path, rounds: int, steps: int = 30) -> tuple[list[float], list[float]]:
+    """ms/step of jaxgpt (on the preset's devices, `train.steps_per_call` steps a call as its
+    training loop runs them) and of PyTorch eager (one step a call), alternating on the same
+    batches."""
     import dataclasses
 
     import jax
@@ -49,19 +51,20 @@ def side_by_side(data_dir: Path, rounds: int, steps: int = 25) -> tuple[list[flo
     sh = step.shardings(cfg, opt, sharding.make_mesh(cfg.mesh))
     params = jax.jit(model.init_params, static_argnums=0, out_shardings=sh["params"])(cfg.model, jax.random.key(0))
     opt_state = jax.jit(opt.init, out_shardings=sh["opt_state"])(params)
-    jax_step = step.make_train_step(cfg, opt, sh)
+    jax_steps, K = step.make_train_steps(cfg, opt, sh), cfg.train.steps_per_call
     batches = [step.train_batch(ds, cfg, i) for i in range(steps)]
-    print(f"step alone: jaxgpt on {jax.device_count()} CPU device(s), torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads", flush=True)
+    blocks = [tuple(np.stack(a) for a in zip(*batches[i:i + K])) for i in range(0, steps, K)]
+    print(f"step alone: jaxgpt on {jax.device_count()} CPU device(s), {K} steps a call; torch {torch.__version__} "
+          f"with {torch.get_num_threads()} threads", flush=True)
     jax_ms, torch_ms = [], []
     for r in range(rounds + 1):  # round 0 warms up (compilation, allocator)
-        for x, y in batches:
+        for x, y in blocks:
             t = time.perf_counter()
-            params, opt_state, loss, _ = jax_step(params, opt_state, jax.device_put(x, sh["batch"]),
-                                                  jax.device_put(y, sh["batch"]), 0)
-            float(loss)
+            params, opt_state, loss_K, _ = jax_steps(params, opt_state, jax.device_put(x, sh["batches"]),
+                                                     jax.device_put(y, sh["batches"]), 0)
+            float(loss_K[-1])
             if r:
-                jax_ms.append(1000 * (time.perf_counter() - t))
+                jax_ms += [1000 * (time.perf_counter() - t) / len(x)] * len(x)
         for x, y in batches:
             t = time.perf_counter()
             torch_step(x[0], y[0])

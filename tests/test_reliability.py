@@ -56,11 +56,13 @@ DRIVER = textwrap.dedent('''
 
 
 def train_args(data_dir, run_dir, max_iters=12):
+    # two steps a call: a batch of an odd iteration is read while a block runs, an even one begins a block
     return ["train", "shakespeare-char-cpu", "--data-dir", str(data_dir), "--out-dir", str(run_dir),
             "--model.n-layer", "2", "--model.n-head", "2", "--model.n-embd", "32", "--model.block-size", "32",
             "--model.dropout", "0.1", "--data.batch-size", "4", "--train.max-iters", str(max_iters),
             "--train.eval-interval", "4", "--train.eval-iters", "2", "--train.log-interval", "1",
-            "--train.keep", "1", "--optim.warmup-iters", "5", "--optim.lr-decay-iters", "20"]
+            "--train.keep", "1", "--train.steps-per-call", "2", "--optim.warmup-iters", "5",
+            "--optim.lr-decay-iters", "20"]
 
 
 def run_driver(tmp_path, kill, args):
@@ -106,7 +108,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path, tiny_dataset, reference):
     run_dir = tmp_path / "run"
     r = run_driver(tmp_path, "signal:6:SIGTERM", train_args(tiny_dataset, run_dir))
     assert r.returncode == 0, r.stderr
-    assert "stopped at step 6" in r.stdout  # the signal came while step 5 ran
+    assert "stopped at step 6" in r.stdout  # the signal came while the block of steps 4-5 ran
     assert checkpoint.saved_steps(run_dir) == [6]
     assert cli.main([*train_args(tiny_dataset, run_dir), "--resume"]) == 0
     assert train_losses(run_dir) == reference
@@ -138,7 +140,8 @@ def test_a_diverged_run_stops_and_keeps_its_checkpoint(tmp_path, tiny_dataset, m
     loss_fn = model.loss_fn
     monkeypatch.setattr(model, "loss_fn", lambda *a, **k: loss_fn(*a, **k) * jnp.nan)
     longer = tiny_config(tiny_dataset, tmp_path / "run", max_iters=20, eval_interval=4, max_nonfinite=3)
-    with pytest.raises(train.TrainError, match="3 steps in a row had non-finite gradients"):
+    # checked after each block of steps (here 4, up to the next evaluation): at least max_nonfinite
+    with pytest.raises(train.TrainError, match="[34] steps in a row had non-finite gradients"):
         train.train(longer, resume=True, **QUIET)
     _, kept, meta = checkpoint.load_params(tmp_path / "run", "latest")
     assert meta["step"] == 8

@@ -32,16 +32,23 @@ class Hook:
         """Scalars computed inside the jitted step from its own gradients (traced); logged at log steps."""
         return {}
 
+    def starts_block(self, it: int) -> bool:
+        """Whether iteration `it` must begin a block of steps (the loop runs
+        `train.steps_per_call` steps a call): true where `metrics` needs that iteration's
+        params or the hook acts between two steps."""
+        return False
+
     def metrics(self, it: int, params, last: bool) -> dict:
         """Extra metrics at iteration `it` (after its evaluation, before its step; `last` at
-        max_iters), written to the run's metrics. Not called at the iteration a run starts from."""
+        max_iters), written to the run's metrics. Called where a block of steps begins (see
+        `starts_block`); not at the iteration a run starts from."""
         return {}
 
     def before_step(self, it: int) -> None:
-        """Right before iteration `it`'s step is dispatched."""
+        """Right before the block holding iteration `it`'s step is dispatched."""
 
     def after_step(self, it: int, loss) -> None:
-        """Right after it is dispatched; `loss` is the step's (not yet computed) loss array."""
+        """Right after that block is dispatched; `loss` is the step's (not yet computed) loss array."""
 
     def record(self, rec: dict) -> None:
         """Every metrics record the run writes (metrics.jsonl, TensorBoard)."""
@@ -88,6 +95,9 @@ class Profiler(Hook):
     def begin(self, cfg, ds, start, log):
         self.log = log
 
+    def starts_block(self, it):
+        return it in (self.first, self.last + 1)
+
     def before_step(self, it):
         if it == self.first:
             jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
@@ -125,6 +135,9 @@ class LmEval(Hook):
 
     def begin(self, cfg, ds, start, log):
         self.model_cfg, self.tokenizer = cfg.model, ds.tokenizer()
+
+    def starts_block(self, it):
+        return bool(self.ec.every) and it % self.ec.every == 0
 
     def metrics(self, it, params, last):
         if not (last or (self.ec.every and it % self.ec.every == 0)):

@@ -219,18 +219,29 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
         for h in hooks:
             h.record(rec)
 
-    train_step = step.make_train_step(cfg, opt, sh, [h.step_stats for h in hooks])
+    train_steps = step.make_train_steps(cfg, opt, sh, [h.step_stats for h in hooks])
     eval_step, eval_batches = step.make_eval_step(cfg, sh), step.estimate_batches(ds, cfg, sh)
     tokens_per_it = tc.grad_accum * cfg.data.batch_size * cfg.model.block_size
     flops_per_it, peak = model.flops_per_token(cfg.model) * tokens_per_it, _peak_flops(cfg, mesh)
     losses: dict[str, float] = {}
     seconds = {"to_first_step": 0.0, "evals": 0.0, "checkpoint_saves": 0.0}  # where the run's time went
+
+    def block_length(it: int) -> int:
+        """Steps from `it` up to the next iteration that begins a block: an evaluation, the
+        end, one a hook asks for, or steps_per_call."""
+        k = 1
+        while (k < tc.steps_per_call and it + k < tc.max_iters and (it + k) % tc.eval_interval
+               and not any(h.starts_block(it + k) for h in hooks)):
+            k += 1
+        return k
+
     rlog.status = "failed"  # until the loop ends as planned
-    x, y = step.global_train_batch(ds, cfg, start, sh["batch"])
+    it, K = start, block_length(start)
+    x, y = step.global_train_batches(ds, cfg, it, K, sh["batches"])
     with _stop_requests(log) as stop, contextlib.closing(rlog):
         t_log, steps_since_log = time.perf_counter(), 0
         try:
-            for it in range(start, tc.max_iters + 1):
+            while True:
                 if stop:
                     _save(mngrs["latest"], it, {"step": it, "val_loss": None, "best_val_loss": best_val}, params, opt_state)
                     log(f"stopped at step {it}: checkpoint saved in {run_dir}/checkpoints/{it}; continue with --resume")
@@ -259,32 +270,40 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
                 if it == tc.max_iters:
                     rlog.status = "finished"
                     break
+                block = range(it, it + K)
                 for h in hooks:
-                    h.before_step(it)
-                params, opt_state, loss, stats = train_step(params, opt_state, x, y, it)
+                    for i in block:
+                        h.before_step(i)
+                params, opt_state, loss_K, stats_K = train_steps(params, opt_state, x, y, it)
                 for h in hooks:
-                    h.after_step(it, loss)
-                if it == start:  # set-up and compilation, measured once
-                    jax.block_until_ready(loss)
+                    for i in block:
+                        h.after_step(i, loss_K[i - it])
+                if it == start:  # set-up and compilation, measured once (with the first block's steps)
+                    jax.block_until_ready(loss_K)
                     seconds["to_first_step"] = time.perf_counter() - t_start
-                x, y = step.global_train_batch(ds, cfg, it + 1, sh["batch"])  # prepared while the device computes
-                steps_since_log += 1
-                if it % tc.log_interval == 0:
-                    loss, stats, in_a_row, skipped = jax.device_get(
-                        (loss, stats, optim.nonfinite_count(opt_state), opt_state.total_notfinite))
+                it, K = it + K, block_length(it + K) if it + K < tc.max_iters else 0
+                if K:
+                    x, y = step.global_train_batches(ds, cfg, it, K, sh["batches"])  # prepared while the device computes
+                steps_since_log += len(block)
+                logged = [i for i in block if i % tc.log_interval == 0]
+                if logged:
+                    loss_K, stats_K, in_a_row, skipped = jax.device_get(
+                        (loss_K, stats_K, optim.nonfinite_count(opt_state), opt_state.total_notfinite))
                     if in_a_row >= tc.max_nonfinite:
                         rlog.status = "diverged"
                         raise TrainError(
-                            f"step {it}: {in_a_row} steps in a row had non-finite gradients and were skipped; "
+                            f"step {block[-1]}: {in_a_row} steps in a row had non-finite gradients and were skipped; "
                             f"the latest checkpoint ({mngrs['latest'].latest_step()}) is intact: "
                             "lower --optim.learning-rate or check the data, then --resume"
                         )
                     dt = (time.perf_counter() - t_log) / steps_since_log
-                    rec = {"step": it, "loss": float(loss), "lr": float(schedule(it)), "ms_per_step": 1000 * dt,
-                           "tokens_per_s": tokens_per_it / dt, "mfu": flops_per_it / dt / peak,
-                           "skipped_steps": int(skipped)} | {k: float(v) for k, v in stats.items()}
-                    write(rec)
-                    log(_step_line(rec))
+                    for i in logged:
+                        k = i - block[0]
+                        rec = {"step": i, "loss": float(loss_K[k]), "lr": float(schedule(i)), "ms_per_step": 1000 * dt,
+                               "tokens_per_s": tokens_per_it / dt, "mfu": flops_per_it / dt / peak,
+                               "skipped_steps": int(skipped)} | {n: float(v[k]) for n, v in stats_K.items()}
+                        write(rec)
+                        log(_step_line(rec))
                     t_log, steps_since_log = time.perf_counter(), 0
         finally:
             for h in hooks:
