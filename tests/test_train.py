@@ -92,6 +92,42 @@ def test_grad_accumulation_matches_one_big_batch(tiny_dataset):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_a_block_of_steps_is_the_single_steps(tiny_dataset):
+    """make_train_steps over K batches from iteration `it` = K make_train_step calls at it,
+    it + 1, ...: same batches, dropout keys (dropout is on), schedule and optimizer state."""
+    cfg = tiny_config(tiny_dataset, "unused")
+    ds = data.open_dataset(tiny_dataset)
+    cfg = train.with_data_vocab(cfg, ds)
+    opt = optim.make_optimizer(cfg.optim)
+    fresh = lambda: model.init_params(cfg.model, jax.random.key(0))  # noqa: E731 (steps donate their params)
+    batches = [step.train_batch(ds, cfg, i) for i in range(5, 8)]
+
+    params, state, singles = fresh(), opt.init(fresh()), []
+    one = step.make_train_step(cfg, opt)
+    for i, (x, y) in zip(range(5, 8), batches):
+        params, state, loss, stats = one(params, state, x, y, i)
+        singles.append((float(loss), float(stats["grad_norm"])))
+    x_K, y_K = (np.stack(a) for a in zip(*batches))
+    p_blk, s_blk, loss_K, stats_K = step.make_train_steps(cfg, opt)(fresh(), opt.init(fresh()), x_K, y_K, 5)
+    np.testing.assert_allclose(np.asarray(loss_K), [a for a, _ in singles], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(stats_K["grad_norm"]), [b for _, b in singles], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((p_blk, s_blk))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_steps_per_call_changes_no_loss_or_log(tmp_path, tiny_dataset):
+    """One step a call and 7 (blocks cut short by the evaluations every 10 and the end)
+    log the same iterations with the same losses."""
+    runs = {}
+    for k in (1, 7):
+        train.train(tiny_config(tiny_dataset, tmp_path / f"k{k}", steps_per_call=k), log=lambda s: None)
+        runs[k] = train_losses(tmp_path / f"k{k}")
+    assert sorted(runs[1]) == sorted(runs[7]) == list(range(20))
+    np.testing.assert_allclose([runs[7][i] for i in range(20)], [runs[1][i] for i in range(20)], rtol=1e-6)
+    with pytest.raises(config.ConfigError, match="steps_per_call must be at least 1"):
+        TrainConfig(steps_per_call=0)
+
+
 def test_resume_without_checkpoint_and_reusing_a_run_dir_are_refused(tmp_path, tiny_dataset):
     with pytest.raises(train.TrainError, match="no checkpoint"):
         train.train(tiny_config(tiny_dataset, tmp_path / "empty"), resume=True, log=lambda s: None)
