@@ -1,7 +1,8 @@
 """Running karpathy/nanoGPT's own train.py beside jaxgpt on the same token files (benchmarks only).
 
-`prepare_tinyshakespeare(work)` writes jaxgpt's char dataset of ../shared/data's tiny
-Shakespeare to WORK/data/sc with the meta.pkl nanoGPT reads; `run_timed` runs a command
+`prepare_tinyshakespeare(work)` writes jaxgpt's char dataset of tiny Shakespeare (the copy
+in ../shared/data where there is one, else downloaded as `jaxgpt prepare tinyshakespeare`
+does) to WORK/data/sc with the meta.pkl nanoGPT reads; `run_timed` runs a command
 and stamps each line it prints with the seconds since the command started.
 """
 
@@ -26,11 +27,14 @@ SEED_LINE = "torch.manual_seed(1337 + seed_offset)"
 def prepare_tinyshakespeare(work: Path) -> Path:
     """jaxgpt's char dataset of tiny Shakespeare in WORK/data/sc, with nanoGPT's meta.pkl beside it."""
     from jaxgpt import prepare, sources
+    from jaxgpt.errors import UserError
 
-    if not CORPUS.is_file():
-        raise SystemExit(f"{CORPUS} is missing: the benchmarks read tiny Shakespeare from ../shared/data")
     data_dir = work / "data" / "sc"  # nanoGPT reads data/<dataset>/ under its working directory
-    prepare.prepare(sources.resolve_source("tinyshakespeare", str(CORPUS)), data_dir)
+    local = str(CORPUS) if CORPUS.is_file() else None
+    try:
+        prepare.prepare(sources.resolve_source("tinyshakespeare", local, cache_dir=work), data_dir)
+    except UserError as e:
+        raise SystemExit(f"tiny Shakespeare: {e} (for the benchmarks: put it at {CORPUS})") from None
     chars = json.loads((data_dir / "meta.json").read_text())["tokenizer"]["chars"]
     with open(data_dir / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),

@@ -10,7 +10,8 @@
    filled). For each: wall time, time to the end of the first step, median ms/step, time
    in evaluations and checkpoint saves, and the val loss at 2000.
 
-Reads ../shared/data/tinyshakespeare.txt; works in a temporary directory.
+Reads tiny Shakespeare from ../shared/data where there is a copy, else downloads it; works in a
+temporary directory.
 """
 
 import argparse

@@ -3,13 +3,13 @@ beside nanoGPT's own train.py on its README CPU command, in one invocation, over
 
     python bench/speedrun.py --nanogpt PATH [--seeds 1337 1338 1339] [--target 1.88]
 
-For each seed, nanoGPT runs first, then jaxgpt, on the same token files (../shared/data's
-tiny Shakespeare, nanoGPT's 90/10 split). A run's time to the target is the wall time from
-its process start to the moment it prints the first evaluation at or below the target
-(start-up, compilation and every evaluation counted); the run is then stopped. nanoGPT's
-CPU command reaches 1.88 on few seeds within its 2000 iterations, so it runs with
---max_iters and --lr_decay_iters raised to --nanogpt-iters (default 4000), the rest as in
-its README (see bench/nanogpt.py).
+For each seed, nanoGPT runs first, then jaxgpt, on the same token files (tiny Shakespeare,
+nanoGPT's 90/10 split, from ../shared/data where there is a copy, else downloaded). A run's
+time to the target is the wall time from its process start to the moment it prints the first
+evaluation at or below the target (start-up, compilation and every evaluation counted); the
+run is then stopped. nanoGPT's CPU command reaches 1.88 on few seeds within its 2000
+iterations, so it runs with --max_iters and --lr_decay_iters raised to --nanogpt-iters
+(default 4000), the rest as in its README (see bench/nanogpt.py).
 """
 
 import argparse
