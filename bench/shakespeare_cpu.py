@@ -3,7 +3,10 @@
     python bench/shakespeare_cpu.py --nanogpt PATH [--rounds 8] [--skip-step] [--warm]
 
 1. The step alone: jaxgpt's jitted step and the same model in PyTorch eager
-   (bench/torch_gpt.py), alternating blocks of 25 steps on the same batches.
+   (bench/torch_gpt.py), alternating blocks of 25 steps on the same batches. Then the
+   step's matmuls alone (every GEMM and batched dot of its forward and backward, nothing
+   else), as one jitted JAX program and in PyTorch, alternating: the floor each library's
+   matmuls set under the step.
 2. The whole process, one after the other on the same token files: nanoGPT's train.py
    (PATH, a karpathy/nanoGPT checkout; its README CPU command) and `jaxgpt train
    shakespeare-char-cpu` (with an empty XLA cache; --warm runs it again with the cache
@@ -74,6 +77,46 @@ def side_by_side(data_dir: Path, rounds: int, steps: int = 30) -> tuple[list[flo
     return jax_ms, torch_ms
 
 
+def step_matmuls(m, batch_size: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(lhs, rhs) shapes of every matmul in one training step of model config `m`: each
+    linear layer's x·W, and its backward's dY·Wᵀ and xᵀ·dY; attention's q·kᵀ and p·v per
+    head, with their backward's two dots each."""
+    T, D, hd = m.block_size, m.n_embd, m.n_embd // m.n_head
+    N, BH = batch_size * T, batch_size * m.n_head
+    shapes = []
+    for k, n in [(D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)] * m.n_layer + [(D, m.vocab_size)]:
+        shapes += [((N, k), (k, n)), ((N, n), (n, k)), ((k, N), (N, n))]
+    for (a, b), (_, d) in [((T, hd), (hd, T)), ((T, T), (T, hd))] * m.n_layer:
+        shapes += [((BH, a, b), (BH, b, d)), ((BH, a, d), (BH, d, b)), ((BH, b, a), (BH, a, d))]
+    return shapes
+
+
+def matmuls_side_by_side(m, batch_size: int, rounds: int, calls: int = 20) -> tuple[float, list[float], list[float]]:
+    """GFLOP and ms of the step's matmuls alone, JAX (one jitted program on one device) and
+    PyTorch, alternating rounds of `calls` calls."""
+    import jax
+    import torch
+
+    rng = np.random.default_rng(0)
+    arrays = [(rng.standard_normal(a, np.float32), rng.standard_normal(b, np.float32)) for a, b in step_matmuls(m, batch_size)]
+    gflop = sum(2 * a.size * b.shape[-1] for a, b in arrays) / 1e9
+    jax_arrays = jax.device_put(arrays, jax.devices()[0])
+    torch_arrays = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in arrays]
+    jax_all = jax.jit(lambda pairs: [a @ b for a, b in pairs])
+    jax_ms, torch_ms = [], []
+    for r in range(rounds + 1):  # round 0 warms up
+        t = time.perf_counter()
+        for _ in range(calls):
+            out = jax_all(jax_arrays)
+        jax.block_until_ready(out)
+        jax_ms.append(1000 * (time.perf_counter() - t) / calls)
+        t = time.perf_counter()
+        for _ in range(calls):
+            [a @ b for a, b in torch_arrays]
+        torch_ms.append(1000 * (time.perf_counter() - t) / calls)
+    return gflop, jax_ms[1:], torch_ms[1:]
+
+
 def first_step_s(lines) -> float:
     return next(t for t, s in lines if s.startswith("iter 0:"))
 
@@ -132,6 +175,13 @@ def main():
         print(f"step alone, {len(jax_ms)} steps each: jaxgpt median {np.median(jax_ms):.1f} ms/step, "
               f"PyTorch eager median {np.median(torch_ms):.1f} ms/step, "
               f"jaxgpt / PyTorch {np.median(jax_ms) / np.median(torch_ms):.2f}x")
+        from jaxgpt import config
+
+        cfg = config.load("shakespeare-char-cpu")  # its vocab_size is tiny Shakespeare's 65 characters
+        gflop, jax_mm, torch_mm = matmuls_side_by_side(cfg.model, cfg.data.batch_size, args.rounds)
+        print(f"the step's {len(step_matmuls(cfg.model, cfg.data.batch_size))} matmuls alone ({gflop:.2f} GFLOP): "
+              f"JAX median {np.median(jax_mm):.1f} ms ({gflop / np.median(jax_mm) * 1e3:.0f} GFLOP/s), "
+              f"PyTorch median {np.median(torch_mm):.1f} ms ({gflop / np.median(torch_mm) * 1e3:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":
