@@ -10,7 +10,12 @@ Figures follow vLLM's benchmark_serving definitions: TTFT (request sent to first
 TPOT ((latency - TTFT) / (output tokens - 1), per request), ITL (gaps between streamed
 chunks with text, all requests pooled; jaxgpt sends a decode chunk of up to 4 tokens per
 event, transformers one event per read of its queue), output tokens/s (all output tokens
-over the wall time of the level), p50 and p99.
+over the wall time of the level), p50 and p99. Last, the floor the matmuls set for the
+highest level, timed in JAX in this process: the linear layers of the prefill of every
+prompt as one batch (all rows at once, the shape matmuls run fastest at), then, for every
+decode step the level needs, a read (a sum) of all the float32 weights and of as many
+keys and values as the live rows have on average, which each step must read at least once.
+Attention's arithmetic, sampling and every other op are left out.
 
     PYTHONPATH=src python bench/serve.py [--concurrency 1 4 16] [--requests 32] [--max-tokens 64]
 """
@@ -59,6 +64,43 @@ def prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
         length, start = int(rng.integers(lo, hi + 1)), int(rng.integers(0, len(ids) - hi))
         out.append(tok.decode(ids[start : start + length]))
     return out
+
+
+def floor_seconds(prompt_lengths: list[int], new_tokens: int, rows: int, repeats: int = 5) -> tuple[float, float]:
+    """Seconds (median of `repeats`, JAX on this CPU) of GPT-2 124M's linear layers over all
+    the prompts' tokens but their last at once, and of the reads every decode step must
+    make: all the weights and the live rows' keys and values (a sum of each array)."""
+    import jax
+
+    import jaxgpt
+
+    cfg = jaxgpt.GPTConfig()
+    D, rng = cfg.n_embd, np.random.default_rng(0)
+    shapes = [(D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)] * cfg.n_layer
+    blocks = jax.device_put([rng.standard_normal(s, np.float32) for s in shapes])
+    prefilled = sum(prompt_lengths) - len(prompt_lengths)
+    inputs = {k: jax.device_put(rng.standard_normal((prefilled, k), np.float32)) for k in (D, 4 * D)}
+    # each matmul's input is an argument of its width, so XLA can fold none away
+    prefill = jax.jit(lambda xs, ws: [xs[w.shape[0]] @ w for w in ws])
+    steps = new_tokens * -(-len(prompt_lengths) // rows)
+    # key and value slots read over the decode: a sequence reads its length so far at every step
+    slots = sum(n * new_tokens + new_tokens * (new_tokens - 1) // 2 for n in prompt_lengths)
+    kv = jax.device_put(rng.standard_normal((slots // steps, cfg.n_layer * 2 * D), np.float32))
+    weights = blocks + [jax.device_put(rng.standard_normal((cfg.vocab_size, D), np.float32)), kv]
+    read = jax.jit(lambda ws: sum(w.sum() for w in ws))
+
+    def timed(fn, calls: int) -> float:
+        jax.block_until_ready(fn())
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(calls):
+                out = fn()
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    return timed(lambda: prefill(inputs, blocks), 1), timed(lambda: read(weights), steps)
 
 
 def start(name: str, command: list[str], port: int, log: Path) -> subprocess.Popen:
@@ -138,6 +180,8 @@ def main():
 
     import jax
 
+    import jaxgpt
+
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     weights = work / "gpt2-random"
     save_weights(weights)
@@ -180,6 +224,13 @@ def main():
             j, t = (next(r for r in rows if r["server"] == s and r["concurrency"] == c) for s in args.servers)
             print(f"c={c}: {args.servers[0]} output tok/s {j['output_tok_s'] / t['output_tok_s']:.2f}x "
                   f"{args.servers[1]}'s, TTFT p99 {j['ttft_p99']:.2f} s vs {t['ttft_p99']:.2f} s")
+    tok = jaxgpt.get_tokenizer("gpt2")
+    lengths = [len(tok.encode(t)) for t in texts]
+    prefill_s, reads_s = floor_seconds(lengths, args.max_tokens, min(args.concurrency[-1], args.slots))
+    print(f"floor of the stream at c={args.concurrency[-1]} (JAX, this CPU): the linear layers of the prefill of "
+          f"{sum(lengths) - len(lengths)} prompt tokens at once {prefill_s:.2f} s, the decode steps' reads of the "
+          f"weights and the keys and values {reads_s:.2f} s; no server takes less than {prefill_s + reads_s:.2f} s",
+          flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "texts"} for r in rows], indent=1))
 
