@@ -98,7 +98,8 @@ def matmuls_side_by_side(m, batch_size: int, rounds: int, calls: int = 20) -> tu
     import torch
 
     rng = np.random.default_rng(0)
-    arrays = [(rng.standard_normal(a, np.float32), rng.standard_normal(b, np.float32)) for a, b in step_matmuls(m, batch_size)]
+    arrays = [(rng.standard_normal(a, np.float32), rng.standard_normal(b, np.float32))
+              for a, b in step_matmuls(m, batch_size)]
     gflop = sum(2 * a.size * b.shape[-1] for a, b in arrays) / 1e9
     jax_arrays = jax.device_put(arrays, jax.devices()[0])
     torch_arrays = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in arrays]
