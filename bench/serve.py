@@ -13,9 +13,10 @@ event, transformers one event per read of its queue), output tokens/s (all outpu
 over the wall time of the level), p50 and p99. Last, the floor the matmuls set for the
 highest level, timed in JAX in this process: the linear layers of the prefill of every
 prompt as one batch (all rows at once, the shape matmuls run fastest at), then, for every
-decode step the level needs, a read (a sum) of all the float32 weights and of as many
-keys and values as the live rows have on average, which each step must read at least once.
-Attention's arithmetic, sampling and every other op are left out.
+decode step the level needs, the time to read all the float32 weights and as many keys and
+values as the live rows have on average (which each step must read at least once) at the
+read bandwidth bench/generate.py measures. Attention's arithmetic, sampling and every
+other op are left out.
 
     PYTHONPATH=src python bench/serve.py [--concurrency 1 4 16] [--requests 32] [--max-tokens 64]
 """
@@ -67,12 +68,13 @@ def prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
 
 
 def floor_seconds(prompt_lengths: list[int], new_tokens: int, rows: int, repeats: int = 5) -> tuple[float, float]:
-    """Seconds (median of `repeats`, JAX on this CPU) of GPT-2 124M's linear layers over all
+    """Seconds (the best of `repeats`, JAX on this CPU) of GPT-2 124M's linear layers over all
     the prompts' tokens but their last at once, and of the reads every decode step must
-    make: all the weights and the live rows' keys and values (a sum of each array)."""
+    make, all the weights and the live rows' keys and values, at this CPU's read bandwidth."""
     import jax
 
     import jaxgpt
+    from generate import read_bandwidth
 
     cfg = jaxgpt.GPTConfig()
     D, rng = cfg.n_embd, np.random.default_rng(0)
@@ -82,25 +84,18 @@ def floor_seconds(prompt_lengths: list[int], new_tokens: int, rows: int, repeats
     inputs = {k: jax.device_put(rng.standard_normal((prefilled, k), np.float32)) for k in (D, 4 * D)}
     # each matmul's input is an argument of its width, so XLA can fold none away
     prefill = jax.jit(lambda xs, ws: [xs[w.shape[0]] @ w for w in ws])
+    jax.block_until_ready(prefill(inputs, blocks))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(prefill(inputs, blocks))
+        best = min(best, time.perf_counter() - t)
+
     steps = new_tokens * -(-len(prompt_lengths) // rows)
     # key and value slots read over the decode: a sequence reads its length so far at every step
     slots = sum(n * new_tokens + new_tokens * (new_tokens - 1) // 2 for n in prompt_lengths)
-    kv = jax.device_put(rng.standard_normal((slots // steps, cfg.n_layer * 2 * D), np.float32))
-    weights = blocks + [jax.device_put(rng.standard_normal((cfg.vocab_size, D), np.float32)), kv]
-    read = jax.jit(lambda ws: sum(w.sum() for w in ws))
-
-    def timed(fn, calls: int) -> float:
-        jax.block_until_ready(fn())
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for _ in range(calls):
-                out = fn()
-            jax.block_until_ready(out)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    return timed(lambda: prefill(inputs, blocks), 1), timed(lambda: read(weights), steps)
+    step_bytes = 4 * (sum(k * n for k, n in shapes) + cfg.vocab_size * D + slots // steps * cfg.n_layer * 2 * D)
+    return best, steps * step_bytes / read_bandwidth(step_bytes)
 
 
 def start(name: str, command: list[str], port: int, log: Path) -> subprocess.Popen:
