@@ -23,6 +23,7 @@ other op are left out.
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -72,16 +73,17 @@ def floor_seconds(prompt_lengths: list[int], new_tokens: int, rows: int, repeats
     the prompts' tokens but their last at once, and of the reads every decode step must
     make, all the weights and the live rows' keys and values, at this CPU's read bandwidth."""
     import jax
-
-    import jaxgpt
     from generate import read_bandwidth
 
-    cfg = jaxgpt.GPTConfig()
+    from jaxgpt import GPTConfig, model
+
+    cfg = GPTConfig()  # the served model's shape (save_weights)
     D, rng = cfg.n_embd, np.random.default_rng(0)
-    shapes = [(D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)] * cfg.n_layer
+    params = jax.eval_shape(functools.partial(model.init_params, cfg), jax.random.key(0))
+    shapes = [w.shape for w in jax.tree.leaves(params["h"]) if w.ndim == 2]  # the blocks' weight matrices
     blocks = jax.device_put([rng.standard_normal(s, np.float32) for s in shapes])
     prefilled = sum(prompt_lengths) - len(prompt_lengths)
-    inputs = {k: jax.device_put(rng.standard_normal((prefilled, k), np.float32)) for k in (D, 4 * D)}
+    inputs = {k: jax.device_put(rng.standard_normal((prefilled, k), np.float32)) for k in {k for k, _ in shapes}}
     # each matmul's input is an argument of its width, so XLA can fold none away
     prefill = jax.jit(lambda xs, ws: [xs[w.shape[0]] @ w for w in ws])
     jax.block_until_ready(prefill(inputs, blocks))
@@ -94,7 +96,8 @@ def floor_seconds(prompt_lengths: list[int], new_tokens: int, rows: int, repeats
     steps = new_tokens * -(-len(prompt_lengths) // rows)
     # key and value slots read over the decode: a sequence reads its length so far at every step
     slots = sum(n * new_tokens + new_tokens * (new_tokens - 1) // 2 for n in prompt_lengths)
-    step_bytes = 4 * (sum(k * n for k, n in shapes) + cfg.vocab_size * D + slots // steps * cfg.n_layer * 2 * D)
+    weight_floats = sum(k * n for k, n in shapes) + model.output_embedding(params).size
+    step_bytes = 4 * (weight_floats + slots // steps * cfg.n_layer * 2 * D)
     return best, steps * step_bytes / read_bandwidth(step_bytes)
 
 

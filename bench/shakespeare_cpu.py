@@ -78,13 +78,23 @@ def side_by_side(data_dir: Path, rounds: int, steps: int = 30) -> tuple[list[flo
 
 
 def step_matmuls(m, batch_size: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(lhs, rhs) shapes of every matmul in one training step of model config `m`: each
-    linear layer's x·W, and its backward's dY·Wᵀ and xᵀ·dY; attention's q·kᵀ and p·v per
-    head, with their backward's two dots each."""
-    T, D, hd = m.block_size, m.n_embd, m.n_embd // m.n_head
+    """(lhs, rhs) shapes of every matmul in one training step of model config `m`: each of
+    the model's weight matrices (the blocks' and the output layer's) as x·W, with its
+    backward's dY·Wᵀ and xᵀ·dY; attention's q·kᵀ and p·v per head, with their backward's two
+    dots each."""
+    import functools
+
+    import jax
+
+    from jaxgpt import model
+
+    params = jax.eval_shape(functools.partial(model.init_params, m), jax.random.key(0))
+    weights = [w.shape for w in jax.tree.leaves(params["h"]) if w.ndim == 2]
+    weights.append(model.output_embedding(params).shape[::-1])
+    T, hd = m.block_size, m.n_embd // m.n_head
     N, BH = batch_size * T, batch_size * m.n_head
     shapes = []
-    for k, n in [(D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)] * m.n_layer + [(D, m.vocab_size)]:
+    for k, n in weights:
         shapes += [((N, k), (k, n)), ((N, n), (n, k)), ((k, N), (N, n))]
     for (a, b), (_, d) in [((T, hd), (hd, T)), ((T, T), (T, hd))] * m.n_layer:
         shapes += [((BH, a, b), (BH, b, d)), ((BH, a, d), (BH, d, b)), ((BH, b, a), (BH, a, d))]
