@@ -22,6 +22,11 @@ class CheckpointError(UserError):
     """No usable checkpoint where the user pointed."""
 
 
+# What reading a damaged checkpoint raises (files missing, truncated or overwritten); a
+# checkpoint that fails with another error is not taken for damaged.
+DAMAGE = (OSError, ValueError, KeyError)
+
+
 def _manager(directory: Path, keep: int | None = None, create: bool = False) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory.absolute(),
@@ -48,8 +53,7 @@ def save(mngr: ocp.CheckpointManager, step: int, meta: dict, params, opt_state=N
 
 def saved_steps(run_dir: Path) -> list[int]:
     """Steps of the committed checkpoints in a run directory (touches nothing)."""
-    directory = Path(run_dir) / "checkpoints"
-    return list(_manager(directory).all_steps()) if directory.is_dir() else []
+    return sorted(ocp.utils.checkpoint_steps(Path(run_dir).absolute() / "checkpoints"))  # no manager: no collectives
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state=None):

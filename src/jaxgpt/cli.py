@@ -262,7 +262,7 @@ def cmd_train(argv: list[str]) -> None:
         preset = args.preset
     cfg = args.resolved()
     result = train.train(cfg, resume=args.resume, force=args.force, hooks=hooks.from_config(cfg))
-    if result["status"] == "finished":
+    if result["status"] == "finished" and _process_index() == 0:  # process 0 speaks for the run
         print(f"done: val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}); "
               f"run in {cfg.train.out_dir}")
 
@@ -455,17 +455,58 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command '{name}'; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if name == "train":  # several processes: a supervisor and its worker (distributed.py)
+        from jaxgpt import distributed
+
+        if distributed.is_worker():
+            distributed.die_with_parent()
+        elif distributed.requested():
+            return distributed.supervise(argv, debug)
     try:
         COMMANDS[name](rest)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return _exit(130)
     except Exception as e:
+        if _in_job():
+            _end_worker(e, debug)
         if debug or not _is_user_error(e):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _in_job() -> bool:
+    return "jaxgpt.distributed" in sys.modules and sys.modules["jaxgpt.distributed"].in_job()
+
+
+def _exit(code: int) -> int:
+    if _in_job():
+        sys.modules["jaxgpt.distributed"].exit_worker(code)
+    return code
+
+
+def _end_worker(e: Exception, debug: bool) -> None:
+    """A worker of several processes ends at once on an error: one line (the traceback with
+    --debug); an error of the runtime may mean a lost peer, which the supervisor names."""
+    import traceback
+
+    from jaxgpt import distributed
+
+    if debug:
+        traceback.print_exc()
+    if _is_user_error(e):
+        distributed.exit_worker(1, f"error: {e}")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    distributed.exit_worker(1, f"error: process {_process_index()}: {type(e).__name__}: {first[:300]} "
+                               "(run with --debug for the traceback)", peer_failed=True)
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 def _is_user_error(e: Exception) -> bool:

@@ -31,11 +31,29 @@ def sha256_file(path: Path) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A prepared dataset: its meta.json and a read-only memory map of every token file."""
+    """A prepared dataset: its meta.json and a read-only memory map of every token file.
+
+    A file is checked against its sha256 the first time it is read (`file`), so a process
+    of a multi-host run checks only the files it reads. `bytes_read` counts what was read:
+    "checked" for the hashes, "tokens" for the windows of batches."""
 
     dir: Path
     meta: dict
     splits: dict[str, list[np.ndarray]]
+    sha256: dict[str, str]  # each token file's path (as its memory map names it) -> its sha256 in meta.json
+    checked: set = dataclasses.field(default_factory=set)
+    bytes_read: dict = dataclasses.field(default_factory=lambda: {"checked": 0, "tokens": 0})
+
+    def file(self, split: str, i: int) -> np.ndarray:
+        """Token file `i` of `split`, checked against meta.json's sha256 at its first use."""
+        a = self.splits[split][i]
+        if a.filename not in self.checked:
+            if sha256_file(Path(a.filename)) != self.sha256[a.filename]:
+                raise DataError(f"token file {a.filename} does not match its sha256 in meta.json (damaged or changed): "
+                                "prepare the dataset again")
+            self.checked.add(a.filename)
+            self.bytes_read["checked"] += a.nbytes
+        return a
 
     @property
     def vocab_size(self) -> int:
@@ -55,8 +73,8 @@ class Dataset:
 
 
 def open_dataset(data_dir: str | Path) -> Dataset:
-    """Memory-maps every token file of a prepared dataset, each checked against its sha256
-    in meta.json (about 1 GB/s): a damaged one is named."""
+    """Memory-maps every token file of a prepared dataset, each checked for its size now and
+    against its sha256 in meta.json when first read (about 1 GB/s): a damaged one is named."""
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
@@ -69,20 +87,18 @@ def open_dataset(data_dir: str | Path) -> Dataset:
         split_records = meta["splits"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise DataError(f"{meta_path} is not a jaxgpt meta.json: prepare the dataset again") from None
-    splits = {}
+    splits, sha256 = {}, {}
     for split, rec in split_records.items():
         arrays = []
         for f in rec["files"]:
             path = data_dir / f["name"]
             if not path.is_file() or path.stat().st_size != 2 * f["tokens"]:
                 raise DataError(f"token file {path} is missing or truncated: prepare the dataset again")
-            if sha256_file(path) != f["sha256"]:
-                raise DataError(f"token file {path} does not match its sha256 in meta.json (damaged or changed): "
-                                "prepare the dataset again")
             if f["tokens"]:
                 arrays.append(np.memmap(path, dtype=DTYPE, mode="r"))
+                sha256[arrays[-1].filename] = f["sha256"]
         splits[split] = arrays
-    return Dataset(data_dir, meta, splits)
+    return Dataset(data_dir, meta, splits, sha256)
 
 
 SPLIT_IDS = {"train": 0, "val": 1}
@@ -107,7 +123,9 @@ def get_batch(ds: Dataset, split: str, batch_size: int, block_size: int, seed: i
     rng = np.random.default_rng([seed, SPLIT_IDS.get(split, 2), step])
     file_B = rng.choice(len(arrays), size=batch_size, p=windows / windows.sum())
     start_B = (rng.random(batch_size) * windows[file_B]).astype(np.int64)
-    xy = np.stack([np.asarray(arrays[f][s : s + block_size + 1], np.int32) for f, s in zip(file_B[rows], start_B[rows])])
+    xy = np.stack([np.asarray(ds.file(split, f)[s : s + block_size + 1], np.int32)
+                   for f, s in zip(file_B[rows], start_B[rows])])
+    ds.bytes_read["tokens"] += xy.size * np.dtype(DTYPE).itemsize
     return xy[:, :-1], xy[:, 1:]
 
 
@@ -124,7 +142,8 @@ def eval_batches(ds: Dataset, split: str, batch_size: int, block_size: int) -> I
         x_B.clear(), y_B.clear(), m_B.clear()
         return out
 
-    for a in ds.splits[split]:
+    for i in range(len(ds.splits[split])):
+        a = ds.file(split, i)
         for start in range(0, a.size - 1, block_size):
             seq = np.asarray(a[start : start + block_size + 1], np.int32)
             n = seq.size - 1

@@ -85,7 +85,8 @@ def step_range(spec: str) -> tuple[int, int]:
 class Profiler(Hook):
     """Traces iterations START..END-1 (`train.profile_steps`) with JAX's profiler into
     RUN_DIR/profile (TensorBoard's profile plugin reads it; perfetto_trace.json.gz opens in
-    ui.perfetto.dev)."""
+    ui.perfetto.dev). With several processes, each traces its own devices into
+    RUN_DIR/profile/process_N."""
 
     def __init__(self, spec: str, run_dir: Path):
         self.first, end = step_range(spec)
@@ -94,6 +95,8 @@ class Profiler(Hook):
 
     def begin(self, cfg, ds, start, log):
         self.log = log
+        if jax.process_count() > 1:
+            self.dir = self.dir / f"process_{jax.process_index()}"
 
     def starts_block(self, it):
         return it in (self.first, self.last + 1)
@@ -134,6 +137,9 @@ class LmEval(Hook):
         self.lm_eval.task_manager(list(self.ec.tasks), self.ec.include_path)
 
     def begin(self, cfg, ds, start, log):
+        if jax.process_count() > 1:
+            raise ConfigError("[eval] tasks run in a single process: leave them out of a multi-process run and "
+                              "evaluate a checkpoint afterwards with jaxgpt eval --tasks")
         self.model_cfg, self.tokenizer = cfg.model, ds.tokenizer()
 
     def starts_block(self, it):

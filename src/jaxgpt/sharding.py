@@ -4,7 +4,7 @@ Three mesh axes: `data` splits the batch and replicates params; `fsdp` splits th
 and shards params, grads and optimizer state along a large dim (gathered by XLA where a
 layer needs them); `tensor` splits attention heads and the MLP hidden units as Megatron
 does. The train step is jitted with these shardings and XLA inserts the collectives.
-Several hosts run one process each, joined by `jax.distributed.initialize`.
+Several hosts run one process each, joined by `jax.distributed.initialize` (distributed.py).
 """
 
 import math
@@ -42,21 +42,6 @@ RULES = {
     "h/mlp/c_gate/bias": ("tensor",),
     "h/mlp/c_proj/kernel": ("tensor", "fsdp"),
 }
-
-
-def initialize_distributed() -> None:
-    """Joins the processes of a multi-host run, described by the environment:
-    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID.
-    Does nothing when JAX_COORDINATOR_ADDRESS is unset (one host)."""
-    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not address or jax.distributed.is_initialized():
-        return
-    try:
-        num, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
-    except (KeyError, ValueError):
-        raise ConfigError("JAX_COORDINATOR_ADDRESS is set: also set JAX_NUM_PROCESSES and JAX_PROCESS_ID "
-                          "(integers) for every process") from None
-    jax.distributed.initialize(address, num, pid)
 
 
 def request_cpu_devices(mc: MeshConfig, batch_size: int, log) -> None:

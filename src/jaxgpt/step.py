@@ -5,6 +5,7 @@ Iteration `it` trains on batch (seed, it) with dropout key (seed, it), so a run 
 from the checkpoint taken at `it` continues exactly as the uninterrupted run would have.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -16,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt import data, model, optim, sharding
-from jaxgpt.config import Config
+from jaxgpt.config import Config, MeshConfig
 
 EVAL_STREAM = 1 << 40  # eval batches draw from steps far past any training step
 
@@ -169,10 +170,14 @@ def estimate_batches(ds: data.Dataset, cfg: Config, sh: dict | None = None) -> d
     scores, placed on the devices once (`sh`: the run's shardings)."""
     B, T = cfg.data.batch_size, cfg.model.block_size
     batch_sh = (sh or default_shardings(cfg))["eval_batch"]
-    ones_BT = place_eval_batch(batch_sh, np.ones((B, T), np.int32))
-    return {split: [(*(place_eval_batch(batch_sh, a) for a in data.get_batch(ds, split, B, T, cfg.train.seed,
-                                                                            EVAL_STREAM + i)), ones_BT)
-                    for i in range(cfg.train.eval_iters)]
+    rows = sharding.process_rows(batch_sh, (B, T))  # this process reads only its rows
+
+    def place(a_bT):
+        return sharding.global_batch(batch_sh, a_bT, (B, T))
+
+    ones_BT = place(np.ones((rows.stop - rows.start, T), np.int32))
+    return {split: [(*(place(a) for a in data.get_batch(ds, split, B, T, cfg.train.seed, EVAL_STREAM + i, rows)),
+                     ones_BT) for i in range(cfg.train.eval_iters)]
             for split in ("train", "val")}
 
 
@@ -186,7 +191,9 @@ def estimate_loss(eval_step, params, batches: dict[str, list]) -> dict[str, floa
 
 
 def evaluate_split(params, ds: data.Dataset, cfg: Config, split: str = "val") -> dict[str, float]:
-    """Exact mean loss over every token of a split (deterministic), and its perplexity."""
+    """Exact mean loss over every token of a split (deterministic), and its perplexity, with
+    the batch split over the devices at hand (whatever mesh the run was trained on)."""
+    cfg = dataclasses.replace(cfg, mesh=MeshConfig())
     eval_step = make_eval_step(cfg)
     sums = [eval_step(params, x, y, m) for x, y, m in data.eval_batches(ds, split, cfg.data.batch_size,
                                                                          cfg.model.block_size)]

@@ -8,7 +8,9 @@ each process loads only its rows of every batch.
 
 import contextlib
 import dataclasses
+import itertools
 import math
+import os
 import shutil
 import signal
 import threading
@@ -19,8 +21,8 @@ from pathlib import Path
 import jax
 from jax.sharding import Mesh
 
-from jaxgpt import checkpoint, data, flops, model, optim, runlog, sharding, step
-from jaxgpt.config import Config, GPTConfig
+from jaxgpt import checkpoint, data, distributed, flops, model, optim, runlog, sharding, step
+from jaxgpt.config import Config, GPTConfig, OptimConfig
 from jaxgpt.errors import UserError
 from jaxgpt.hooks import Hook
 
@@ -39,19 +41,24 @@ def with_data_vocab(cfg: Config, ds: data.Dataset) -> Config:
 @contextlib.contextmanager
 def _stop_requests(log: Callable[[str], None]):
     """SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second
-    SIGINT stops at once. Preemptible cloud machines send SIGTERM."""
+    SIGINT stops at once. Preemptible cloud machines send SIGTERM. With several processes,
+    SIGTERM is left to JAX's preemption service (which has every process stop at one step,
+    see distributed.stop_requested) and SIGINT is passed to it as SIGTERM."""
     requested: list[str] = []
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
+    several = distributed.is_multiprocess()
 
     def handler(signum, frame):
         if requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         requested.append(signal.Signals(signum).name)
         log(f"{requested[-1]}: stopping after this step to save a checkpoint (Ctrl-C again to quit at once)")
+        if several:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in ((signal.SIGINT,) if several else (signal.SIGINT, signal.SIGTERM))}
     try:
         yield requested
     finally:
@@ -68,17 +75,33 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool, log: Callable[[str]
     """The committed steps of the run in `run_dir`: there must be some to resume, none to start
     (unless `force`, which deletes them)."""
     steps = checkpoint.saved_steps(run_dir)
+    distributed.barrier("run-dir-read")  # every process has its list before one deletes or writes
     if resume and not steps:
         raise TrainError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
     if not resume and steps:
         if not force:
             raise TrainError(f"{run_dir} already holds a run (step {max(steps)}): add --resume to continue it, "
                              "--force to delete it and start over, or pick another --out-dir")
-        for name in RUN_PARTS:
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        log(f"--force: deleted the run in {run_dir}")
+        if jax.process_index() == 0:  # one process deletes, the others wait for it
+            parts = [run_dir / name for name in RUN_PARTS if (run_dir / name).exists()]
+            for path in parts:
+                shutil.rmtree(path)
+            log(f"--force: deleted {', '.join(str(p) for p in parts)}")
+        distributed.barrier("force")
         return []
     return steps
+
+
+def _optimizer_differences(saved: OptimConfig, new: OptimConfig, model_cfg: GPTConfig) -> list[str]:
+    """The optim fields that differ, where they change the optimizer state's structure (what
+    a checkpoint holds); none where only values such as the learning rate change."""
+    abstract = model.abstract_params(model_cfg)
+    a, b = (jax.eval_shape(optim.make_optimizer(o).init, abstract) for o in (saved, new))
+    if jax.tree.structure(a) == jax.tree.structure(b) and all(
+            (x.shape, x.dtype) == (y.shape, y.dtype) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))):
+        return []
+    return [f"optim.{f.name} {getattr(saved, f.name)!r} -> {getattr(new, f.name)!r}"
+            for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(new, f.name)]
 
 
 def _resolve(cfg: Config, ds: data.Dataset, resume: bool) -> tuple[Config, dict | None]:
@@ -95,6 +118,10 @@ def _resolve(cfg: Config, ds: data.Dataset, resume: bool) -> tuple[Config, dict 
         if diffs:
             raise TrainError(f"{run_dir} holds a run with another model ({', '.join(diffs)}): "
                              "resume with the run's config.toml, or train into a new --out-dir")
+        diffs = _optimizer_differences(saved.optim, cfg.optim, cfg.model)
+        if diffs:
+            raise TrainError(f"the checkpoints in {run_dir} hold the state of another optimizer ({', '.join(diffs)}): "
+                             "resume with the optimizer settings of the run's config.toml, or train into a new --out-dir")
         if checkpoint.data_meta(run_dir)["tokenizer"] != ds.meta["tokenizer"]:
             raise TrainError(f"dataset {ds.dir} uses another tokenizer or vocabulary than the run in {run_dir}: "
                              "pass the --data-dir it was trained on")
@@ -108,17 +135,25 @@ def _resolve(cfg: Config, ds: data.Dataset, resume: bool) -> tuple[Config, dict 
 
 
 def _restore_latest(mngr, run_dir: Path, abstract_params, abstract_opt_state, log):
-    """The newest readable checkpoint; unreadable newer ones are moved to RUN_DIR/corrupt/."""
+    """The newest readable checkpoint. A damaged newer one (files missing or unreadable) is
+    moved to RUN_DIR/corrupt/ by process 0, once every process has failed to read it; other
+    errors stop the run and move nothing."""
     for it in sorted(mngr.all_steps(), reverse=True):
         try:
-            return checkpoint.restore(mngr, it, abstract_params, abstract_opt_state)
-        except Exception as e:  # any failure to read it: fall back to the previous checkpoint
-            (run_dir / "corrupt").mkdir(exist_ok=True)
-            dest = run_dir / "corrupt" / f"checkpoints-{it}"
+            restored, error = checkpoint.restore(mngr, it, abstract_params, abstract_opt_state), None
+        except checkpoint.DAMAGE as e:
+            restored, error = None, e
+        if distributed.all_agree(error is None):
+            return restored
+        dest = run_dir / "corrupt" / f"checkpoints-{it}"
+        if jax.process_index() == 0:
+            dest.parent.mkdir(exist_ok=True)
             shutil.move(str(run_dir / "checkpoints" / str(it)), str(dest))
-            mngr.reload()
-            log(f"checkpoint {it} cannot be read ({type(e).__name__}: {str(e)[:200]}); moved it to {dest}, "
-                "trying the previous one")
+        distributed.barrier(f"corrupt-{it}")
+        mngr.reload()
+        reason = f"{type(error).__name__}: {str(error)[:200]}" if error else "another process could not read it"
+        log(f"checkpoint {it} cannot be read ({reason}); moved it to {dest} (delete it yourself once you no longer "
+            "need it), trying the previous one")
     raise TrainError(f"--resume: no readable checkpoint in {run_dir}/checkpoints; start a new run")
 
 
@@ -185,7 +220,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
     extras to run (`hooks.from_config(cfg)` builds those the config asks for)."""
     t_start = time.perf_counter()
     sharding.request_cpu_devices(cfg.mesh, cfg.data.batch_size, log)
-    sharding.initialize_distributed()
+    distributed.initialize(cfg.mesh.init_timeout)
     if jax.process_index() > 0:
         log = lambda s: None  # noqa: E731 (process 0 speaks for the run)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -241,8 +276,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
     with _stop_requests(log) as stop, contextlib.closing(rlog):
         t_log, steps_since_log = time.perf_counter(), 0
         try:
-            while True:
-                if stop:
+            for check in itertools.count():
+                if distributed.stop_requested(check, stop):
                     _save(mngrs["latest"], it, {"step": it, "val_loss": None, "best_val_loss": best_val}, params, opt_state)
                     log(f"stopped at step {it}: checkpoint saved in {run_dir}/checkpoints/{it}; continue with --resume")
                     rlog.status = "stopped"
