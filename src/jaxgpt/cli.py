@@ -328,11 +328,9 @@ def cmd_eval(argv: list[str]) -> None:
         raise config_lib.ConfigError("give --out-dir RUN_DIR (or --tasks to run lm-eval tasks, also with --init-from)")
     cfg, params, meta = checkpoint.load_params(args.out_dir, args.checkpoint)
     ds = data.open_dataset(args.data_dir or cfg.data.dir)
-    if ds.vocab_size != cfg.model.vocab_size:
-        raise data.DataError(
-            f"dataset {ds.dir} has vocabulary {ds.vocab_size} but the model has {cfg.model.vocab_size}: "
-            "pass the --data-dir the run was trained on"
-        )
+    if checkpoint.data_meta(args.out_dir)["tokenizer"] != ds.meta["tokenizer"]:
+        raise data.DataError(f"dataset {ds.dir} uses another tokenizer than the run in {args.out_dir}: "
+                             "pass the --data-dir the run was trained on")
     if args.batch_size is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=args.batch_size))
     result = step.evaluate_split(params, ds, cfg, args.split)
