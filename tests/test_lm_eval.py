@@ -191,6 +191,19 @@ def test_eval_command_prints_the_table_and_json(capsys, hf_dir, task_dir):
     assert 0 <= results["tiny_mc"]["acc,none"] <= 1 and math.isfinite(results["tiny_rolling"]["bits_per_byte,none"])
 
 
+def test_sampled_generations_draw_one_stream_per_request_reproducible_from_the_seed(hf_dir):
+    """Four sampled requests of one prompt in two batches of two: four different texts (the
+    second batch does not redraw the first's streams), the same four again for the same seed."""
+    from types import SimpleNamespace
+
+    kwargs = {"until": ["\n\n\n"], "do_sample": True, "temperature": 5.0, "max_gen_toks": 6}
+    requests = [SimpleNamespace(args=("ROMEO: what light", kwargs)) for _ in range(4)]
+    texts = lm_eval_model.JaxGPTLM(pretrained=str(hf_dir), batch_size=2).generate_until(requests)
+    assert len(set(texts)) == 4, texts
+    assert lm_eval_model.JaxGPTLM(pretrained=str(hf_dir), batch_size=2, seed=0).generate_until(requests) == texts
+    assert set(lm_eval_model.JaxGPTLM(pretrained=str(hf_dir), batch_size=2, seed=1).generate_until(requests)).isdisjoint(texts)
+
+
 @pytest.mark.parametrize("tasks, expected", [
     ("hellaswag", "cannot load the data of hellaswag"),  # offline, not cached
     ("hellaswg", "did you mean 'hellaswag'?"),
