@@ -31,11 +31,17 @@ def leaves_equal(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def test_a_run_directory_gives_its_checkpoint_and_its_datas_tokenizer(run_dir, shakespeare_text):
+def test_a_run_directory_gives_its_checkpoint_and_its_datas_tokenizer(run_dir, tiny_dataset, shakespeare_text):
+    """The model saved (config, tree and every array), and a tokenizer that gives the ids the
+    dataset holds: char ids are the ranks of the characters (nanoGPT's stoi)."""
     run, params = run_dir
     cfg, loaded, tok = load.load_model(run)
-    assert cfg.vocab_size == tok.vocab_size == len(set(shakespeare_text)) and leaves_equal(loaded, params)
-    assert tok.decode(tok.encode("ROMEO:\nO")) == "ROMEO:\nO"
+    assert cfg == checkpoint.run_config(run).model and cfg.vocab_size == len(set(shakespeare_text))
+    assert jax.tree.structure(loaded) == jax.tree.structure(params) and leaves_equal(loaded, params)
+    val = shakespeare_text[int(0.9 * len(shakespeare_text)):]
+    assert tok.encode(val) == np.fromfile(tiny_dataset / "val.bin", np.uint16).tolist()
+    stoi = {c: i for i, c in enumerate(sorted(set(shakespeare_text)))}
+    assert tok.encode("ROMEO:\nO") == [stoi[c] for c in "ROMEO:\nO"] and tok.decode(tok.encode(val)) == val
 
 
 def test_an_hf_directory_gives_gpt2s_tokenizer_only_where_its_vocabulary_holds_it(tmp_path):
