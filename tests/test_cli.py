@@ -80,6 +80,7 @@ def one_line_error(capsys, argv) -> str:
     (["eval", "--out-dir", "/nonexistent/run"], "not a jaxgpt run directory"),
     (["prepare", "/nonexistent/corpus.txt"], "does not exist"),
     (["prepare", "shakespeare", "--encoding", "klingon"], "klingon"),
+    (["prepare", "shakespeare", "--workers", "0"], "--workers must be at least 1, got 0"),
 ])
 def test_user_errors_are_one_line(capsys, argv, expected):
     assert expected in one_line_error(capsys, argv)

@@ -358,6 +358,8 @@ def prepare(
         raise DataError(f"--shard-size must be a positive number of tokens, got {shard_size}")
     if max_tokens is not None and max_tokens < 2:
         raise DataError(f"--max-tokens must be at least 2 (a train and a val token), got {max_tokens}")
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
     if (out_dir / "meta.json").exists() and not force:
         raise DataError(f"{out_dir} already holds a dataset: pass --force to replace it (once the new one is "
                         "complete), or choose another --out")
