@@ -191,3 +191,35 @@ def test_prepare_never_deletes_a_dataset_unasked(tmp_path, monkeypatch, capsys, 
     names = sorted(p.name for p in out.iterdir())
     assert names == ["meta.json", "notes.txt", "train.bin", "val.bin"], names  # the old shards went, notes.txt stayed
     assert "train_000001.bin" in capsys.readouterr().err  # --force names what it deleted
+
+
+def test_an_interrupted_download_leaves_no_partial_corpus(tmp_path, monkeypatch):
+    """A download stopped while writing must not leave a truncated tinyshakespeare.txt that
+    later prepares would take for the corpus."""
+    from pathlib import Path
+
+    body = b"First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 200
+
+    class Response:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return body
+
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda url, timeout: Response())
+    write_bytes = Path.write_bytes
+
+    def torn(self, data):
+        write_bytes(self, data[:100])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Path, "write_bytes", torn)
+    with pytest.raises(KeyboardInterrupt):
+        sources.resolve_source("tinyshakespeare", cache_dir=tmp_path)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    assert not (tmp_path / "tinyshakespeare.txt").exists()
+    sources.resolve_source("tinyshakespeare", cache_dir=tmp_path)  # downloads again, whole
+    assert (tmp_path / "tinyshakespeare.txt").read_bytes() == body
