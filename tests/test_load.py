@@ -177,3 +177,25 @@ def test_resume_refuses_a_dataset_with_other_merges(tmp_path, bpe_run):
         train.train(cfg, resume=True, log=lambda s: None)
     with pytest.raises(data.DataError, match="uses another tokenizer than the run"):  # nor does eval take it
         cli.cmd_eval(["--out-dir", str(tmp_path / "run"), "--data-dir", str(b.dir), "--checkpoint", "latest"])
+
+
+def test_rewriting_the_run_files_is_atomic(tmp_path, monkeypatch, run_dir, tiny_dataset):
+    """A resume rewrites config.toml and data_meta.json: a stop in the middle of that keeps
+    the earlier files whole, so the run still loads."""
+    import shutil
+    from pathlib import Path
+
+    run, params = run_dir
+    shutil.copytree(run, tmp_path / "run")
+    cfg, ds = checkpoint.run_config(run), data.open_dataset(tiny_dataset)
+    write_text = Path.write_text
+
+    def torn(self, text, *args, **kwargs):
+        write_text(self, text[:10], *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_run_files(tmp_path / "run", cfg, ds.meta, ds.dir)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert checkpoint.run_config(tmp_path / "run") == cfg and checkpoint.data_meta(tmp_path / "run") == ds.meta
+    assert leaves_equal(load.load_model(tmp_path / "run")[1], params)

@@ -12,6 +12,7 @@ checkpoint that looks complete.
 """
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -78,8 +79,11 @@ def write_run_files(run_dir: Path, cfg: config_lib.Config, data_meta: dict, data
     (what sampling needs, so that the run directory works wherever it is copied)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_lib.copy_file(data_meta["tokenizer"], data_dir, run_dir)
-    (run_dir / "config.toml").write_text(config_lib.dumps(cfg))
-    (run_dir / "data_meta.json").write_text(json.dumps(data_meta, indent=1, ensure_ascii=False))
+    for name, text in (("config.toml", config_lib.dumps(cfg)),
+                       ("data_meta.json", json.dumps(data_meta, indent=1, ensure_ascii=False))):
+        tmp = run_dir / (name + ".tmp")  # renamed when whole: a resume stopped here keeps the run loadable
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / name)
 
 
 def data_meta(run_dir: str | Path) -> dict:
