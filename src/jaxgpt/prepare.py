@@ -274,7 +274,7 @@ class _DatasetWriter:
         return self._room != 0
 
     def meta(self) -> dict:
-        """Closes the token files and writes meta.json (the saved progress goes); returns its record."""
+        """Closes the token files and writes meta.json; returns its record."""
         settings = self.settings
         splits = {s: w.finish() for s, w in self.splits.items()}
         if self.chars == 0:
