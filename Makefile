@@ -18,7 +18,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core
-	$(BIN)/jaxgpt prepare shakespeare
+	test -f data/shakespeare/meta.json || $(BIN)/jaxgpt prepare shakespeare
 	rm -rf $(DEMO_DIR)
 	$(BIN)/jaxgpt train shakespeare-char-cpu --out-dir $(DEMO_DIR)
 	$(BIN)/jaxgpt sample --out-dir $(DEMO_DIR) --num-samples 3 --max-new-tokens 400

@@ -1,7 +1,16 @@
+"""Test set-up: XLA's compilation cache, offline Hugging Face, one CPU device, shared data;
+and no silent skips. `make test` installs the dev extras, so a test skipped because a module
+is missing means a broken environment: every skip fails the session, listed at the end,
+unless its reason starts with "expected: " and says why (pytest.skip("expected: ...")).
+"""
+
 import os
 from pathlib import Path
 
 import pytest
+
+EXPECTED = "expected: "
+_unexpected_skips: list[str] = []
 
 # Many tests (and the CLI subprocesses they start) compile the same tiny programs: XLA's
 # persistent cache compiles each once. Set before jax is imported, so subprocesses inherit it.
@@ -35,3 +44,32 @@ def tiny_dataset(tmp_path_factory, shakespeare_text):
     out = tmp_path_factory.mktemp("data")
     prepare.prepare(sources.resolve_source(str(src)), out)
     return out
+
+
+def _note_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not reason.removeprefix("Skipped: ").startswith(EXPECTED):
+            _unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_collectreport(report):  # a module-level importorskip skips the whole module
+    _note_skip(report)
+
+
+def pytest_runtest_logreport(report):
+    _note_skip(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unexpected_skips:
+        terminalreporter.section("unexpected skips (these fail the run)", red=True)
+        for line in _unexpected_skips:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line("install what they need (pip install -e '.[dev]'), or make the skip say why it "
+                                    f"is expected: pytest.skip('{EXPECTED}...')")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

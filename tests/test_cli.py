@@ -30,9 +30,9 @@ def test_prepare_train_sample_eval(tmp_path, shakespeare_text):
     assert [r["step"] for r in lines if "val_loss" in r] == [0, 3, 6]
 
     r = run("sample", "--out-dir", "run", "--prompt", "ROMEO:", "--num-samples", "2", "--max-new-tokens", "20",
-            cwd=tmp_path)
+            "--temperature", "0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("ROMEO:") == 2
+    assert_greedy(tmp_path / "run", "ROMEO:", r.stdout, n_samples=2, n_new=20)
 
     r = run("eval", "--out-dir", "run", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -42,6 +42,24 @@ def test_prepare_train_sample_eval(tmp_path, shakespeare_text):
 
     r = run("train", "shakespeare-char-cpu", "--data-dir", "data", "--out-dir", "run", *TINY, cwd=tmp_path)
     assert r.returncode == 1 and "--resume" in r.stderr  # never overwrites a run silently
+
+
+def assert_greedy(run_dir, prompt: str, stdout: str, n_samples: int, n_new: int):
+    """Every sample printed is the prompt and `n_new` characters, each the argmax of the run's
+    best checkpoint's full forward over the text before it (within float32 rounding of a tie)."""
+    import numpy as np
+
+    from jaxgpt import checkpoint, load, model
+
+    cfg, params, _ = checkpoint.load_params(run_dir, "best")
+    tok = load.load_model(run_dir)[2]
+    samples = stdout.removesuffix("\n").split("\n" + "-" * 40 + "\n")
+    assert len(samples) == n_samples and len(set(samples)) == 1, samples
+    ids = tok.encode(samples[0])
+    assert samples[0].startswith(prompt) and len(ids) == len(prompt) + n_new
+    logits_TV = np.asarray(model.forward(params, np.asarray([ids], np.int32), cfg.model))[0]
+    for t in range(len(prompt), len(ids)):
+        assert logits_TV[t - 1, ids[t]] >= logits_TV[t - 1].max() - 1e-4, (t, samples[0])
 
 
 def one_line_error(capsys, argv) -> str:
@@ -62,6 +80,7 @@ def one_line_error(capsys, argv) -> str:
     (["eval", "--out-dir", "/nonexistent/run"], "not a jaxgpt run directory"),
     (["prepare", "/nonexistent/corpus.txt"], "does not exist"),
     (["prepare", "shakespeare", "--encoding", "klingon"], "klingon"),
+    (["prepare", "shakespeare", "--workers", "0"], "--workers must be at least 1, got 0"),
 ])
 def test_user_errors_are_one_line(capsys, argv, expected):
     assert expected in one_line_error(capsys, argv)

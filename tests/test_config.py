@@ -83,3 +83,49 @@ def test_choice_fields_and_mesh_section():
     assert config.loads(config.dumps(cfg)) == cfg
     with pytest.raises(ConfigError, match="train.compute_dtype must be one of 'auto', 'float32', 'bfloat16', got 'fp16'"):
         config.loads('[train]\ncompute_dtype = "fp16"\n')
+
+
+SECTIONS = {"model": config.GPTConfig, "data": config.DataConfig, "optim": config.OptimConfig,
+            "train": config.TrainConfig, "mesh": config.MeshConfig, "eval": config.EvalConfig}
+
+
+def test_every_number_has_an_allowed_range():
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            if {int, float} & {f.type, *getattr(f.type, "__args__", ())}:
+                assert "allowed" in f.metadata, f"{cls.__name__}.{f.name} has no allowed range"
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--train.eval-interval", "0", "train.eval_interval must be at least 1, got 0"),
+    ("--train.log-interval", "0", "train.log_interval must be at least 1, got 0"),
+    ("--train.eval-iters", "0", "train.eval_iters must be at least 1, got 0"),
+    ("--train.grad-accum", "0", "train.grad_accum must be at least 1, got 0"),
+    ("--train.keep", "0", "train.keep must be at least 1, got 0"),
+    ("--train.seed", "-1", "train.seed must be in [0, 4294967296), got -1"),
+    ("--data.batch-size", "0", "data.batch_size must be at least 1, got 0"),
+    ("--model.dropout", "1.0", "model.dropout must be in [0, 1), got 1.0"),
+    ("--model.n-layer", "0", "model.n_layer must be at least 1, got 0"),
+    ("--optim.learning-rate", "0", "optim.learning_rate must be greater than 0, got 0.0"),
+    ("--optim.beta2", "1", "optim.beta2 must be in [0, 1), got 1.0"),
+    ("--optim.decay-fraction", "0", "optim.decay_fraction must be in (0, 1], got 0.0"),
+    ("--optim.weight-decay", "-0.1", "optim.weight_decay must be at least 0, got -0.1"),
+    ("--mesh.fsdp", "0", "mesh.fsdp must be -1 or at least 1, got 0"),
+    ("--eval.limit", "0", "eval.limit must be at least 1, got 0"),
+])
+def test_values_that_cannot_work_are_one_line_errors(capsys, flag, value, expected):
+    from jaxgpt import cli
+
+    assert cli.main(["train", flag, value]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and expected in err, err
+
+
+def test_ranges_hold_in_config_files_and_edges_pass():
+    with pytest.raises(ConfigError, match=r"^optim.muon_momentum must be in \[0, 1\), got 1.5$"):
+        config.loads("[optim]\nmuon_momentum = 1.5\n")
+    with pytest.raises(ConfigError, match="^model.layer_norm_eps must be at least 0, got nan$"):
+        config.loads("[model]\nlayer_norm_eps = nan\n")
+    cfg = config.loads("[model]\ndropout = 0.0\n[optim]\ndecay_fraction = 1.0\n[mesh]\ndata = -1\nfsdp = 2\n"
+                       "[train]\nmax_iters = 0\nseed = 4294967295\n")
+    assert (cfg.optim.decay_fraction, cfg.mesh.data, cfg.train.max_iters) == (1.0, -1, 0)

@@ -158,3 +158,68 @@ def test_a_hosts_rows_are_those_rows_of_the_whole_batch(tiny_dataset):
     xr, yr = data.get_batch(ds, "train", 8, 16, seed=3, step=5, rows=slice(2, 6))
     np.testing.assert_array_equal(xr, x[2:6])
     np.testing.assert_array_equal(yr, y[2:6])
+
+
+def test_prepare_never_deletes_a_dataset_unasked(tmp_path, monkeypatch, capsys, shakespeare_text):
+    """Into a directory that holds a dataset: refused without --force; with it, the new dataset is
+    written beside the old one and swapped in only when complete, so a crash keeps the old one."""
+    from jaxgpt import cli
+
+    src = tmp_path / "in.txt"
+    src.write_text(shakespeare_text[:20_000])
+    out = tmp_path / "d"
+    old = prepare.prepare(sources.resolve_source(str(src)), out, shard_size=5000)
+    (out / "notes.txt").write_text("the user's own file")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    assert cli.main(["prepare", str(src), "--out", str(out), "--encoding", "gpt2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{out} already holds a dataset" in err and "--force" in err, err
+
+    def crash(*args):
+        raise KeyboardInterrupt  # a kill or Ctrl-C in the middle of the new dataset
+    monkeypatch.setattr(prepare._DatasetWriter, "meta", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(sources.resolve_source(str(src)), out, "gpt2", force=True)
+    assert data.open_dataset(out).meta == old
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    monkeypatch.undo()
+
+    assert cli.main(["prepare", str(src), "--out", str(out), "--encoding", "gpt2", "--force"]) == 0
+    new = data.open_dataset(out).meta
+    assert new["encoding"] == "gpt2" and new["splits"]["train"]["files"][0]["name"] == "train.bin"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["meta.json", "notes.txt", "train.bin", "val.bin"], names  # the old shards went, notes.txt stayed
+    assert "train_000001.bin" in capsys.readouterr().err  # --force names what it deleted
+
+
+def test_an_interrupted_download_leaves_no_partial_corpus(tmp_path, monkeypatch):
+    """A download stopped while writing must not leave a truncated tinyshakespeare.txt that
+    later prepares would take for the corpus."""
+    from pathlib import Path
+
+    body = b"First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 200
+
+    class Response:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return body
+
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda url, timeout: Response())
+    write_bytes = Path.write_bytes
+
+    def torn(self, data):
+        write_bytes(self, data[:100])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Path, "write_bytes", torn)
+    with pytest.raises(KeyboardInterrupt):
+        sources.resolve_source("tinyshakespeare", cache_dir=tmp_path)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    assert not (tmp_path / "tinyshakespeare.txt").exists()
+    sources.resolve_source("tinyshakespeare", cache_dir=tmp_path)  # downloads again, whole
+    assert (tmp_path / "tinyshakespeare.txt").read_bytes() == body

@@ -155,7 +155,7 @@ def test_killed_prepare_resumes_to_the_same_bytes(tmp_path, parquet, monkeypatch
     r = subprocess.run([sys.executable, "-c", DRIVER, str(parquet), str(out), str(SHARD)],
                        env={**os.environ, "KILL": kill}, capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL, r.stderr
-    assert not (out / "meta.json").exists() and (out / prepare_lib.STATE_FILE).exists()
+    assert not (out / "meta.json").exists() and (out / prepare_lib.PARTIAL / prepare_lib.STATE_FILE).exists()
     encoded.clear()
     logs = []
     prepare(parquet, out, log=logs.append)

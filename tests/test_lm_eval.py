@@ -4,7 +4,6 @@ like HellaSwag, rolling loglikelihood, short greedy generation), loaded by TaskM
 
 import functools
 import json
-import math
 import textwrap
 
 import pytest
@@ -180,15 +179,40 @@ def test_model_registered_as_jaxgpt(hf_dir, task_dir, both):
         assert out["results"]["tiny_mc"][metric] == both[1]["results"]["tiny_mc"][metric]
 
 
-def test_eval_command_prints_the_table_and_json(capsys, hf_dir, task_dir):
-    args = ["eval", "--init-from", str(hf_dir), "--tasks", "tiny_mc,tiny_rolling", "--include-path", str(task_dir),
-            "--limit", "2"]
-    assert cli.main(args) == 0
-    table = capsys.readouterr().out
-    assert "|tiny_mc" in table and "acc_norm" in table and "bits_per_byte" in table
+def test_eval_command_prints_the_table_and_json(capsys, hf_dir, task_dir, both):
+    """`jaxgpt eval --tasks` prints lm-eval's table and JSON of the results lm-eval's `hf` model
+    gets on the same directory."""
+    ref = both[0]["results"]
+    metrics = {"tiny_mc": ["acc", "acc_norm"], "tiny_rolling": ["word_perplexity", "byte_perplexity", "bits_per_byte"]}
+    args = ["eval", "--init-from", str(hf_dir), "--tasks", "tiny_mc,tiny_rolling", "--include-path", str(task_dir)]
     assert cli.main(args + ["--json"]) == 0
     results = json.loads(capsys.readouterr().out)
-    assert 0 <= results["tiny_mc"]["acc,none"] <= 1 and math.isfinite(results["tiny_rolling"]["bits_per_byte,none"])
+    for task, names in metrics.items():
+        for name in names:
+            assert results[task][f"{name},none"] == pytest.approx(ref[task][f"{name},none"], rel=1e-5), (task, name)
+    assert cli.main(args) == 0
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("|") and not line.startswith("|-")]
+    task = None
+    printed = {}
+    for row in rows[1:]:  # after the header: Tasks, Version, Filter, n-shot, Metric, ↑/↓, Value, ±, Stderr
+        task = row[0] or task
+        printed[task, row[4]] = row[6]
+    assert printed == {(task, name): f"{results[task][name + ',none']:.4f}" for task, names in metrics.items()
+                       for name in names}
+
+
+def test_sampled_generations_draw_one_stream_per_request_reproducible_from_the_seed(hf_dir):
+    """Four sampled requests of one prompt in two batches of two: four different texts (the
+    second batch does not redraw the first's streams), the same four again for the same seed."""
+    from types import SimpleNamespace
+
+    kwargs = {"until": ["\n\n\n"], "do_sample": True, "temperature": 5.0, "max_gen_toks": 6}
+    requests = [SimpleNamespace(args=("ROMEO: what light", kwargs)) for _ in range(4)]
+    texts = lm_eval_model.JaxGPTLM(pretrained=str(hf_dir), batch_size=2).generate_until(requests)
+    assert len(set(texts)) == 4, texts
+    assert lm_eval_model.JaxGPTLM(pretrained=str(hf_dir), batch_size=2, seed=0).generate_until(requests) == texts
+    assert set(lm_eval_model.JaxGPTLM(pretrained=str(hf_dir), batch_size=2, seed=1).generate_until(requests)).isdisjoint(texts)
 
 
 @pytest.mark.parametrize("tasks, expected", [

@@ -1,6 +1,6 @@
 """The modern switches of GPTConfig against a NumPy transformer written from the papers'
 formulas (float64, heads looped, keys and values repeated for GQA), KV-cache generation
-against full recomputation, and Muon against optax composed by hand.
+against full recomputation (Muon is checked against its formula in tests/test_schedules.py).
 
 RoPE, RMSNorm, SwiGLU, GQA and QK-norm are also checked against transformers' Llama and
 Qwen3 in tests/test_hf_modern.py."""
@@ -11,11 +11,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from jaxgpt import model, optim, step
-from jaxgpt.config import Config, ConfigError, GPTConfig, OptimConfig, TrainConfig
+from jaxgpt import model
+from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.generate import generate
 
 BASE = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=61, bias=False)
@@ -189,46 +188,3 @@ def test_bad_switches_are_one_line_errors():
         dataclasses.replace(BASE, n_embd=30)
     with pytest.raises(ConfigError, match="make the head width .* even"):
         dataclasses.replace(BASE, pos="rope", head_dim=7)
-
-
-MUON = OptimConfig(optimizer="muon", learning_rate=3e-3, muon_learning_rate=0.05, min_lr=1e-4, warmup_iters=2,
-                   lr_decay_iters=6, weight_decay=0.1, beta1=0.8, beta2=0.9, grad_clip=0.5)
-
-
-def test_muon_step_equals_optax_composed_by_hand():
-    """Three jaxgpt train steps under optimizer = muon equal optax's clip, then muon on the
-    blocks' kernels and AdamW (decay on matrices) on the rest, applied to jax.grad by hand."""
-    cfg = Config(model=_cfg("all"), optim=MUON, train=TrainConfig(compute_dtype="float32"))
-    params0 = _params(cfg.model, seed=5)
-    schedule = optax.warmup_cosine_decay_schedule(MUON.learning_rate / 3, MUON.learning_rate, 2, 6, MUON.min_lr)
-    ratio = MUON.muon_learning_rate / MUON.learning_rate
-    is_muon = lambda p: {k: (jax.tree.map(lambda _: False, v) if k != "h" else  # noqa: E731
-                             [jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", b) for b in v])
-                         for k, v in p.items()}
-    by_hand = optax.chain(
-        optax.clip_by_global_norm(MUON.grad_clip),
-        optax.partition({
-            True: optax.contrib.muon(lambda s: ratio * schedule(s), beta=MUON.muon_momentum, weight_decay=0.1),
-            False: optax.adamw(schedule, b1=0.8, b2=0.9, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2, p)),
-        }, is_muon),
-    )
-    opt = optim.make_optimizer(cfg.optim)
-    train_step = step.make_train_step(cfg, opt)
-    params = jax.tree.map(jnp.copy, params0)  # the step donates its params
-    opt_state = opt.init(params)
-    @jax.jit
-    def step_by_hand(want, want_state, x_BT, y_BT):
-        grads = jax.grad(model.loss_fn)(want, x_BT, y_BT, cfg.model)
-        updates, want_state = by_hand.update(grads, want_state, want)
-        return optax.apply_updates(want, updates), want_state
-
-    want, want_state = params0, by_hand.init(params0)
-    rng = np.random.default_rng(0)
-    for it in range(3):
-        x_BT = rng.integers(0, cfg.model.vocab_size, (4, cfg.model.block_size)).astype(np.int32)
-        y_BT = np.roll(x_BT, -1, axis=1)
-        params, opt_state, _, _ = train_step(params, opt_state, x_BT[None], y_BT[None], it)
-        want, want_state = step_by_hand(want, want_state, x_BT, y_BT)
-    for got_leaf, want_leaf, leaf0 in zip(jax.tree.leaves(params), jax.tree.leaves(want), jax.tree.leaves(params0)):
-        assert np.abs(np.asarray(want_leaf) - np.asarray(leaf0)).max() > 0  # every leaf moved
-        np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=1e-4, atol=1e-6)

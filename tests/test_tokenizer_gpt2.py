@@ -1,6 +1,7 @@
 """GPT-2's tokenizer against transformers' built from the same two files; the dataset
 tokenizers (bpe:N, sentencepiece:PATH) round-trip and rebuild from meta.json."""
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -86,7 +87,8 @@ def test_gpt2_special_text_is_ordinary_and_bytes_concatenate(tok):
     text = TEXTS[9]
     ids = tok.encode(text)
     assert b"".join(tok.decode_bytes([i]) for i in ids) == text.encode()
-    assert tok.meta() == {"encoding": "gpt2", "vocab_size": 50257}
+    files = b"".join(_gpt2_file(name).read_bytes() for name in ("encoder.json", "vocab.bpe"))
+    assert tok.meta() == {"encoding": "gpt2", "vocab_size": 50257, "sha256": hashlib.sha256(files).hexdigest()}
     assert tokenizer_from_meta(json.loads(json.dumps(tok.meta()))).encode(text) == ids
 
 

@@ -2,12 +2,17 @@
 
     RUN_DIR/checkpoints/<step>/   the latest `keep` checkpoints (params, opt_state, meta)
     RUN_DIR/best/<step>/          the one with the lowest val loss so far (params, meta)
+    RUN_DIR/config.toml           the resolved config
+    RUN_DIR/data_meta.json        the dataset's meta.json: its tokenizer, with a sha256
+    RUN_DIR/tokenizer.json|.model a bpe or sentencepiece tokenizer's file, copied from the
+                                  dataset: a run directory samples wherever it is copied
 
 orbax commits a step directory atomically, so a crash mid-save never leaves a
 checkpoint that looks complete.
 """
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -15,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from jaxgpt import config as config_lib
 from jaxgpt import model
+from jaxgpt import tokenizer as tokenizer_lib
 from jaxgpt.errors import UserError
 
 
@@ -72,11 +78,16 @@ def run_config(run_dir: Path) -> config_lib.Config:
     return config_lib.loads(path.read_text(), where=str(path))
 
 
-def write_run_files(run_dir: Path, cfg: config_lib.Config, data_meta: dict) -> None:
-    """The resolved config and the dataset's meta.json (whose tokenizer sampling needs)."""
+def write_run_files(run_dir: Path, cfg: config_lib.Config, data_meta: dict, data_dir: Path) -> None:
+    """The resolved config, the meta.json of the dataset in `data_dir` and its tokenizer's file
+    (what sampling needs, so that the run directory works wherever it is copied)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(config_lib.dumps(cfg))
-    (run_dir / "data_meta.json").write_text(json.dumps(data_meta, indent=1, ensure_ascii=False))
+    tokenizer_lib.copy_file(data_meta["tokenizer"], data_dir, run_dir)
+    for name, text in (("config.toml", config_lib.dumps(cfg)),
+                       ("data_meta.json", json.dumps(data_meta, indent=1, ensure_ascii=False))):
+        tmp = run_dir / (name + ".tmp")  # renamed when whole: a resume stopped here keeps the run loadable
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / name)
 
 
 def data_meta(run_dir: str | Path) -> dict:
@@ -84,6 +95,15 @@ def data_meta(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a jaxgpt run directory (no data_meta.json)")
     return json.loads(path.read_text())
+
+
+def run_tokenizer(run_dir: str | Path):
+    """The tokenizer of the data a run was trained on, from the run directory alone."""
+    meta = data_meta(run_dir)["tokenizer"]
+    if "file" in meta and not (Path(run_dir) / meta["file"]).is_file():
+        raise CheckpointError(f"{run_dir} lacks its tokenizer file {meta['file']} (runs trained before jaxgpt kept "
+                              f"a copy): copy {meta['file']} from the dataset the run was trained on into {run_dir}")
+    return tokenizer_lib.tokenizer_from_meta(meta, Path(run_dir))
 
 
 def load_params(run_dir: str | Path, which: str = "best"):

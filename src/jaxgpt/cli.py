@@ -31,7 +31,8 @@ class PrepareArgs:
     .txt files (one document each), or parquet/jsonl/arrow files. The last --val-fraction
     of the text becomes the val split; for datasets, every (1/val-fraction)-th document.
     A sharded prepare (--shard-size) that was stopped continues where it stopped when
-    run again with the same arguments."""
+    run again with the same arguments. The dataset is written in OUT/.partial and moved
+    into OUT when complete."""
 
     source: Positional[str]
     encoding: str = "char"
@@ -54,6 +55,8 @@ class PrepareArgs:
     """Stop after this many tokens (train and val together)."""
     workers: int | None = None
     """Processes that encode (default: one per CPU core, up to 8, for big inputs)."""
+    force: bool = False
+    """Replace the dataset already in --out (once the new one is complete; its files are deleted)."""
 
 
 @dataclasses.dataclass
@@ -243,7 +246,7 @@ def cmd_prepare(argv: list[str]) -> None:
     tty = sys.stderr.isatty()
     meta = prepare.prepare(source, out, args.encoding, args.val_fraction, args.shard_size, args.workers,
                            progress=lambda s: tty and print(f"\r{s}", end="", file=sys.stderr, flush=True),
-                           max_tokens=args.max_tokens, log=lambda s: print(s, file=sys.stderr))
+                           max_tokens=args.max_tokens, log=lambda s: print(s, file=sys.stderr), force=args.force)
     if tty:
         print(file=sys.stderr)
     s = meta["splits"]
@@ -325,11 +328,9 @@ def cmd_eval(argv: list[str]) -> None:
         raise config_lib.ConfigError("give --out-dir RUN_DIR (or --tasks to run lm-eval tasks, also with --init-from)")
     cfg, params, meta = checkpoint.load_params(args.out_dir, args.checkpoint)
     ds = data.open_dataset(args.data_dir or cfg.data.dir)
-    if ds.vocab_size != cfg.model.vocab_size:
-        raise data.DataError(
-            f"dataset {ds.dir} has vocabulary {ds.vocab_size} but the model has {cfg.model.vocab_size}: "
-            "pass the --data-dir the run was trained on"
-        )
+    if checkpoint.data_meta(args.out_dir)["tokenizer"] != ds.meta["tokenizer"]:
+        raise data.DataError(f"dataset {ds.dir} uses another tokenizer than the run in {args.out_dir}: "
+                             "pass the --data-dir the run was trained on")
     if args.batch_size is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=args.batch_size))
     result = step.evaluate_split(params, ds, cfg, args.split)

@@ -7,7 +7,8 @@
 tokenized as lm-eval's own `hf` model does (context and continuation encoded together,
 trailing spaces moved to the continuation), sorted by length and scored in batches of
 `batch_size` rows padded to a power-of-two length, so each shape compiles once.
-Generation is greedy unless a task asks for sampling, through `jaxgpt.generate`.
+Generation is greedy unless a task asks for sampling, through `jaxgpt.generate`; sampled
+requests each draw their own stream, all derived from `seed` (model_args seed=N).
 
 lm-eval 0.4 finds models only in its own registry: importing this module registers
 "jaxgpt" there (`import jaxgpt` alone does not, so that it never pays for lm-eval's
@@ -58,9 +59,11 @@ class JaxGPTLM(TemplateLM):
     """lm-eval's LM interface over a jaxgpt model: loglikelihood, loglikelihood_rolling, generate_until."""
 
     def __init__(self, pretrained: str | None = None, batch_size: int | str = 16, checkpoint: str = "best",
-                 max_batch_size: int | None = None, device: str | None = None, loaded: tuple | None = None):
+                 max_batch_size: int | None = None, device: str | None = None, loaded: tuple | None = None,
+                 seed: int | str = 0):
         """`loaded` = (GPTConfig, params, tokenizer) evaluates a model in memory (training does).
-        `max_batch_size` and `device` are lm-eval's generic arguments; JAX picks the device."""
+        `seed` gives sampled generations their keys. `max_batch_size` and `device` are lm-eval's
+        generic arguments; JAX picks the device."""
         super().__init__()
         if (pretrained is None) == (loaded is None):
             raise EvalError("give the model as model_args pretrained=RUN_DIR or pretrained=HF_GPT2_DIR")
@@ -68,6 +71,9 @@ class JaxGPTLM(TemplateLM):
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise EvalError(f"batch_size {batch_size!r} is not supported by jaxgpt: give a positive number")
         self._batch_size = int(batch_size)
+        if not str(seed).isdigit():
+            raise EvalError(f"seed {seed!r} is not supported by jaxgpt: give a non-negative number")
+        self.seed = int(seed)
         self.max_gen_toks = 256  # lm-eval's default, as its hf model
 
     @property
@@ -132,14 +138,15 @@ class JaxGPTLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations decoded and cut at the first stop sequence (and end-of-text), batched
-        per set of generation arguments."""
+        per set of generation arguments. Row r of batch b of argument set g samples with the key
+        (seed of (self.seed, g, b), r): its own stream, the same for the same seed and batch size."""
         eos = self.tok.decode([self.tok.eot_token]) if self.tok.eot_token is not None else None
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True), []).append(i)
         out = [""] * len(requests)
         stops = [self.tok.eot_token] if self.tok.eot_token is not None else None
-        for indices in groups.values():
+        for g, indices in enumerate(groups.values()):
             kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = kwargs.pop("max_gen_toks")
@@ -152,7 +159,9 @@ class JaxGPTLM(TemplateLM):
             order = sorted(indices, key=lambda i: -len(prompts[i]))
             for start in range(0, len(order), self._batch_size):
                 rows = order[start : start + self._batch_size]
-                new = generate(self.params, self.cfg, [prompts[i] for i in rows], max_new, stop_tokens=stops, **sampling)
+                seed = int(np.random.SeedSequence([self.seed, g, start]).generate_state(1)[0])
+                new = generate(self.params, self.cfg, [prompts[i] for i in rows], max_new, stop_tokens=stops,
+                               seed=seed, **sampling)
                 for i, ids in zip(rows, new):  # `until` holds eos: the text is cut at end-of-text
                     out[i] = postprocess_generated_text(self.tok.decode(ids), until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])

@@ -21,15 +21,15 @@ def _holds_gpt2_tokenizer(path: Path) -> bool:
 
 def load_model(source: str | Path, which: str = "best", need_tokenizer: bool = True):
     """(model config, params, tokenizer) of `source`. A run directory gives its `which`
-    checkpoint (best or latest) and the tokenizer of the data it was trained on; an HF
+    checkpoint (best or latest) and the tokenizer of the data it was trained on (the copy
+    the run directory keeps); an HF
     checkpoint gives GPT-2's tokenizer where its vocabulary is GPT-2's (a GPT-2 whose
     vocabulary holds GPT-2's, or a directory holding GPT-2's BPE files), else None (an
     error under `need_tokenizer`): Llama's and Qwen3's own tokenizers are not jaxgpt's."""
     path = Path(source)
     if (path / "config.toml").is_file():
         cfg, params, _ = checkpoint.load_params(path, which)
-        data_meta = checkpoint.data_meta(path)["tokenizer"]
-        return cfg.model, params, tokenizer_lib.tokenizer_from_meta(data_meta, Path(cfg.data.dir))
+        return cfg.model, params, checkpoint.run_tokenizer(path)
     if path.is_dir() and not (path / "config.json").is_file():
         raise hf.HFError(f"{path} is neither a jaxgpt run directory (config.toml) nor a Hugging Face "
                          "checkpoint (config.json): point at the directory that holds one")

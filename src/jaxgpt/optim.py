@@ -37,8 +37,6 @@ def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
         w = max(warmup, 1)
         after = lambda step: peak * jnp.sqrt(w / jnp.maximum(step + warmup, w))  # noqa: E731 (step counts from warmup)
     elif cfg.schedule == "wsd":
-        if not 0.0 < cfg.decay_fraction <= 1.0:
-            raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
         decay_start = decay_steps - round(cfg.decay_fraction * decay_steps)
         if decay_start < warmup:
             raise ConfigError(f"optim.decay_fraction {cfg.decay_fraction} starts the decay at step {decay_start}, "

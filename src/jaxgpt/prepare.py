@@ -5,6 +5,10 @@ uint16 tokens), or shards `train_000000.bin`, … of `shard_size` tokens, and `m
 with the tokenizer, the token and byte counts and a checksum of every file. Text streams
 through in batches, big inputs are encoded by several processes, and a sharded prepare
 that was stopped continues where it stopped.
+
+A dataset is written into DIR/.partial and moved into DIR only when complete, so a stop
+or a crash never leaves a broken dataset where a good one stood; a dataset already in DIR
+is replaced only when asked (`force`).
 """
 
 import concurrent.futures
@@ -15,6 +19,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from jaxgpt.data import DTYPE, DataError, sha256_file
 from jaxgpt.sources import Source
 
 STATE_FILE = "prepare_state.json"
+PARTIAL = ".partial"  # the subdirectory a dataset is written in until it is complete
 
 
 @functools.lru_cache(maxsize=4)
@@ -268,7 +274,7 @@ class _DatasetWriter:
         return self._room != 0
 
     def meta(self) -> dict:
-        """Closes the token files and writes meta.json (the saved progress goes); returns its record."""
+        """Closes the token files and writes meta.json; returns its record."""
         settings = self.settings
         splits = {s: w.finish() for s, w in self.splits.items()}
         if self.chars == 0:
@@ -295,8 +301,36 @@ class _DatasetWriter:
             "splits": splits,
         }
         _write_json(self.out_dir / "meta.json", meta)
-        (self.out_dir / STATE_FILE).unlink(missing_ok=True)
         return meta
+
+
+def _dataset_files(out_dir: Path) -> list[str]:
+    """The files of the dataset in `out_dir` that its meta.json names, meta.json last
+    (only meta.json where it cannot be read)."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+        names = [f["name"] for split in meta["splits"].values() for f in split["files"]]
+        names += [meta["tokenizer"]["file"]] if "file" in meta["tokenizer"] else []
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    return names + ["meta.json"]
+
+
+def _swap_in(staged: Path, out_dir: Path, log: Callable[[str], None]) -> None:
+    """Moves the complete dataset in `staged` into `out_dir`, in place of the one there (its
+    files are deleted and named). meta.json goes first and comes last: `out_dir` never holds a
+    meta.json that names the other dataset's files; other files in it stay."""
+    new = _dataset_files(staged)
+    old = _dataset_files(out_dir) if (out_dir / "meta.json").exists() else []
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for name in new[:-1]:
+        os.replace(staged / name, out_dir / name)
+    for name in set(old) - set(new):
+        (out_dir / name).unlink(missing_ok=True)
+    os.replace(staged / "meta.json", out_dir / "meta.json")
+    shutil.rmtree(staged)  # what is left: the saved progress, files of an abandoned earlier try
+    if old:
+        log(f"--force: replaced the dataset in {out_dir}, deleting its {len(old)} files: {', '.join(old)}")
 
 
 def prepare(
@@ -309,8 +343,10 @@ def prepare(
     progress: Callable[[str], None] = lambda s: None,
     max_tokens: int | None = None,
     log: Callable[[str], None] = lambda s: None,
+    force: bool = False,
 ) -> dict:
-    """Encodes `source` into `out_dir`; returns the meta.json record.
+    """Encodes `source` into `out_dir`; returns the meta.json record. A dataset already in
+    `out_dir` is an error unless `force`; it is replaced once the new one is complete.
 
     Sharded output (`shard_size`) is resumable: after each batch that completes a shard the
     progress is saved, and a prepare run again with the same arguments checks the complete
@@ -322,8 +358,13 @@ def prepare(
         raise DataError(f"--shard-size must be a positive number of tokens, got {shard_size}")
     if max_tokens is not None and max_tokens < 2:
         raise DataError(f"--max-tokens must be at least 2 (a train and a val token), got {max_tokens}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
+    if (out_dir / "meta.json").exists() and not force:
+        raise DataError(f"{out_dir} already holds a dataset: pass --force to replace it (once the new one is "
+                        "complete), or choose another --out")
+    staged = out_dir / PARTIAL
+    staged.mkdir(parents=True, exist_ok=True)
 
     # A first pass sizes a text source (its val split is the last val_fraction of it);
     # streamed sources are read once.
@@ -338,7 +379,7 @@ def prepare(
             if encoding == "char" or split == "train":
                 yield text
 
-    tok = tokenizer_lib.make_tokenizer(encoding, fit_texts, out_dir)
+    tok = tokenizer_lib.make_tokenizer(encoding, fit_texts, staged)
     tok_meta = tok.meta()
     if tok.vocab_size > np.iinfo(DTYPE).max + 1:
         raise DataError(f"vocabulary of {tok.vocab_size} tokens does not fit in uint16 token files")
@@ -346,8 +387,8 @@ def prepare(
     chunk_chars = sources.CHUNK_CHARS  # read at call time: tests make it small
     settings = {"source": source.name, "tokenizer": tok_meta, "val_fraction": val_fraction,
                 "shard_size": shard_size, "max_tokens": max_tokens, "chunk_chars": chunk_chars}
-    writer = _DatasetWriter(out_dir, settings, tok, log)
-    encode = functools.partial(_encode_batch, json.dumps(tok_meta), str(out_dir))
+    writer = _DatasetWriter(staged, settings, tok, log)
+    encode = functools.partial(_encode_batch, json.dumps(tok_meta), str(staged))
     batches = writer.skip(_batched(_split_texts(source, total_chars, val_fraction), chunk_chars))
     if workers is None:  # several processes only when there is enough text to repay starting them
         head = list(itertools.islice(batches, 4))
@@ -361,4 +402,6 @@ def prepare(
             progress(f"encoded {writer.chars:,} characters, {writer.tokens:,} tokens")
         if not more:
             break
-    return writer.meta()
+    meta = writer.meta()
+    _swap_in(staged, out_dir, log)
+    return meta

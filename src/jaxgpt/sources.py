@@ -7,6 +7,7 @@ Hugging Face datasets streamed from the Hub or read from local parquet/jsonl/arr
 
 import dataclasses
 import importlib.metadata
+import os
 import re
 import urllib.error
 import urllib.request
@@ -66,7 +67,9 @@ def _download(url: str, dest: Path) -> None:
         raise DataError(
             f"could not download {url} ({getattr(e, 'reason', e)}); offline, pass a local copy with --input PATH"
         ) from None
-    dest.write_bytes(data)
+    part = dest.with_name(dest.name + ".part")  # renamed when whole: a stop never leaves a truncated corpus
+    part.write_bytes(data)
+    os.replace(part, dest)
 
 
 def _text_files(path: Path) -> list[Path]:

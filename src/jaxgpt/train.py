@@ -241,7 +241,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[
     params, opt_state, meta = _initial_state(cfg, opt, sh, mngrs, resume, init_params, log)
     start, best_val, evaluated_at_start = meta["step"], meta["best_val_loss"], meta["val_loss"] is not None
     if jax.process_index() == 0:
-        checkpoint.write_run_files(run_dir, cfg, ds.meta)
+        checkpoint.write_run_files(run_dir, cfg, ds.meta, ds.dir)
     rlog = runlog.RunLog(run_dir, {"dir": str(ds.dir), **ds.meta}, start if resume else None)
     log(f"model: {model.count_params(params):,} parameters "
         f"({model.count_params(params, non_embedding=True):,} without positions), vocab {cfg.model.vocab_size}, "
