@@ -194,7 +194,7 @@ class MeshConfig:
     as divide the batch), data-parallel by default. XLA runs each small op of a small model on
     one core at a time, so per-core devices keep every core busy; large models gain nothing.
     JAX_NUM_CPU_DEVICES or --xla_force_host_platform_device_count in XLA_FLAGS, where set, win."""
-    init_timeout: int = 45
+    init_timeout: int = _in(45, "[1, inf)")
     """Several processes: seconds each waits for all of them to join the job before every one stops."""
 
     def __post_init__(self):
