@@ -173,6 +173,21 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_datase
     assert train_losses(run_dir) == reference
 
 
+def test_resume_with_another_optimizer_is_refused_and_moves_nothing(tmp_path, tiny_dataset, capsys):
+    """Another optimizer's state has another structure: that is the user's request to fix,
+    not damage (it used to move every checkpoint to corrupt/ and find none readable)."""
+    run_dir = tmp_path / "run"
+    assert cli.main(train_args(tiny_dataset, run_dir, max_iters=8)) == 0
+    steps = checkpoint.saved_steps(run_dir)
+    capsys.readouterr()
+    assert cli.main([*train_args(tiny_dataset, run_dir), "--resume", "--optim.optimizer", "muon"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "optim.optimizer 'adamw' -> 'muon'" in err and "\n" not in err
+    assert checkpoint.saved_steps(run_dir) == steps and not (run_dir / "corrupt").exists()
+    # a learning rate is no structure: that resume goes on
+    assert cli.main([*train_args(tiny_dataset, run_dir), "--resume", "--optim.learning-rate", "5e-4"]) == 0
+
+
 def test_full_disk_during_a_save(tmp_path, tiny_dataset, reference, monkeypatch, capsys):
     from orbax.checkpoint._src.path import atomicity
 
@@ -203,6 +218,7 @@ def test_a_run_dir_is_never_overwritten_silently(tmp_path, tiny_dataset, capsys)
     assert cli.main([*args, "--model.n-layer", "3", "--resume"]) == 1
     assert "model.n_layer 2 -> 3" in capsys.readouterr().err
     assert cli.main([*args, "--model.n-layer", "3", "--force"]) == 0
+    assert f"--force: deleted {run_dir / 'checkpoints'}, {run_dir / 'best'}" in capsys.readouterr().out
     assert checkpoint.run_config(run_dir).model.n_layer == 3
 
 

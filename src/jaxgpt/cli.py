@@ -400,6 +400,10 @@ def cmd_info(argv: list[str]) -> None:
     args = _parse(InfoArgs, argv, "jaxgpt info")
     target = Path(args.target)
     cfg = checkpoint.run_config(target) if (target / "config.toml").is_file() else config_lib.load(args.target)
+    if (target / "run.json").is_file():  # a run: its mesh over as many devices as it had (faked on a CPU)
+        from jaxgpt import sharding
+
+        sharding.request_cpu_device_count(len(json.loads((target / "run.json").read_text())["devices"]))
     info = step.describe(cfg)
     m = cfg.model
     print(f"model: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, context {m.block_size}, "

@@ -19,11 +19,9 @@ import sys
 import threading
 import time
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
-
 from jaxgpt.config import ConfigError
+
+# jax is imported in the functions that use it: the supervisor never does, so it starts at once.
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 WORKER = "JAXGPT_WORKER"  # set in the supervised worker's environment
@@ -39,6 +37,7 @@ class DistributedError(ConfigError):
 def _cluster():
     """The cluster JAX's `initialize()` would detect by itself (SLURM, Open MPI, Kubernetes,
     Cloud TPU), or None. JAX keeps its detectors in a private module: without it, none."""
+
     try:
         from jax._src import clusters
     except ImportError:
@@ -56,6 +55,8 @@ def requested() -> bool:
 def initialize(init_timeout: int) -> None:
     """Joins the processes of a multi-process run (see `requested`); nothing on one host.
     Every process must join within `init_timeout` seconds, or all of them stop."""
+    import jax
+
     if jax.distributed.is_initialized() or not requested():
         return
     kwargs = dict(initialization_timeout=init_timeout, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
@@ -75,24 +76,30 @@ def initialize(init_timeout: int) -> None:
     except Exception as e:  # raised before any peer is involved: a bad address, a port in use
         where = address or f"the address {_cluster().__name__} gives"
         if "Failed to start RPC server" in str(e):
-            raise DistributedError(f"process 0 cannot listen on {where}: the port is in use or the host is not this "
-                                   "one; pick a free port in JAX_COORDINATOR_ADDRESS") from None
+            raise DistributedError(_cannot_listen(where)) from None
         raise DistributedError(f"cannot join the job at {where}: {str(e).splitlines()[0]}") from None
     print(f"{JOINED} {jax.process_index()} {jax.process_count()}", file=sys.stderr, flush=True)
 
 
 def is_multiprocess() -> bool:
+    import jax
+
     return jax.process_count() > 1
 
 
 def barrier(name: str) -> None:
     """Waits until every process reaches the barrier `name`."""
+    from jax.experimental import multihost_utils
+
     if is_multiprocess():
         multihost_utils.sync_global_devices(name)
 
 
 def all_agree(ok: bool) -> bool:
     """True where `ok` holds on every process."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
     if not is_multiprocess():
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
@@ -104,6 +111,8 @@ def stop_requested(check: int, local: list) -> bool:
     several: at the check JAX's preemption service has every process agree on once any of
     them got SIGTERM (train.py turns SIGINT into SIGTERM). Called at the same points of the
     loop on every process."""
+    from jax.experimental import multihost_utils
+
     if is_multiprocess():
         return multihost_utils.reached_preemption_sync_point(check)
     return bool(local)
@@ -119,11 +128,18 @@ _NATIVE_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]")
 _NATIVE_OTHER = re.compile(r"^(\*\*\* |\s+@\s+0x)|\[Gloo\]|is connected to \d+ peer ranks")
 
 
+def _cannot_listen(address: str) -> str:
+    return (f"process 0 cannot listen on {address}: the port is in use or the host is not this one; pick a free port "
+            "in JAX_COORDINATOR_ADDRESS")
+
+
 def _lost_process(native: str, joined: bool, reached: bool, address: str | None) -> str:
     """What happened to a worker the runtime ended, as a sentence: from its C++ output, whether
     it had joined the job, and whether the coordinator's address was ever reachable."""
     if not joined:
         num = os.environ.get("JAX_NUM_PROCESSES", "all")
+        if "Failed to add port to server" in native:  # the runtime may crash instead of raising
+            return _cannot_listen(address or "the coordinator's address")
         if address and not reached:
             return (f"the coordinator {address} cannot be reached: start process 0 there first, or fix "
                     "JAX_COORDINATOR_ADDRESS")
@@ -211,6 +227,8 @@ def supervise(argv: list[str], debug: bool) -> int:
 
 def in_job() -> bool:
     """Whether this is a supervised worker that has joined a job of several processes."""
+    import jax
+
     return is_worker() and jax.distributed.is_initialized()
 
 
