@@ -285,6 +285,7 @@ def plan(cfg: Config, topology: str) -> dict:
     memory (or its out-of-memory error), the chip, FLOPs and bytes per step, a roofline step
     time and the collectives. `cfg` as given to train (compute_dtype auto means bfloat16)."""
     target = parse_target(topology)
+    sharding.mesh_shape(cfg.mesh, target.chips)  # a mesh that does not fit the chips says so before libtpu loads
     devs = devices(target)
     cfg = on_accelerator(cfg)
     mesh = make_mesh(cfg.mesh, devs)
@@ -349,6 +350,7 @@ def max_batch(cfg: Config, topology: str, limit: int = 1 << 14) -> int:
     """The largest data.batch_size (a multiple of the mesh's data × fsdp) whose train step fits
     the target's memory, by bisection over compiles; 0 when one row a device does not fit."""
     target = parse_target(topology)
+    sharding.mesh_shape(cfg.mesh, target.chips)
     devs = devices(target)
     cfg = on_accelerator(cfg)
     mesh = make_mesh(cfg.mesh, devs)
