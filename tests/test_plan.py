@@ -119,19 +119,23 @@ def test_too_big_is_a_verdict(capsys, tiny):
 
 
 @needs_libtpu
-def test_max_batch_bisects(monkeypatch, tiny):
+@pytest.mark.parametrize("extra_gib, expected_rows, compiled_rows", [
+    (lambda rows: 0, 15, [1, 2, 15, 16]),  # linear: 15 of the 15.75 GiB, guessed from 1 and 2 rows
+    (lambda rows: 5 * (rows > 10), 10, [1, 2, 8, 9, 10, 11, 15]),  # a jump below the guess: bisection
+])
+def test_max_batch(monkeypatch, tiny, extra_gib, expected_rows, compiled_rows):
     """The largest batch whose memory fits, with a stand-in for the compile: 1 GiB a row a device."""
-    rows_per_gib = {}
+    compiled = []
 
     def memory(cfg, mesh):
         rows = cfg.data.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
-        rows_per_gib[rows] = True
-        return {"total": rows * 2**30}
+        compiled.append(rows)
+        return {"total": (rows + extra_gib(rows)) * 2**30}
 
     monkeypatch.setattr(plan, "memory", memory)
     cfg = dataclasses.replace(config.load(str(tiny)), mesh=config.MeshConfig(data=2, fsdp=2))
-    assert plan.max_batch(cfg, "v5e-4") == 15 * 4  # 15 of the 15.75 GiB, on 4 chips
-    assert len(rows_per_gib) <= 9  # bisection, not a scan
+    assert plan.max_batch(cfg, "v5e-4") == expected_rows * 4
+    assert sorted(compiled) == compiled_rows
 
 
 def test_info_counts_a_device_of_the_mesh(tmp_path):

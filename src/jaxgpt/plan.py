@@ -348,7 +348,9 @@ def verdict(p: dict) -> str:
 
 def max_batch(cfg: Config, topology: str, limit: int = 1 << 14) -> int:
     """The largest data.batch_size (a multiple of the mesh's data × fsdp) whose train step fits
-    the target's memory, by bisection over compiles; 0 when one row a device does not fit."""
+    the target's memory; 0 when one row a device does not. Memory grows about linearly with
+    the rows, so two compiles (1 and 2 rows a device) give a guess, and compiles around it
+    confirm it (bisection where XLA's compiler, which rematerialises near the limit, departs)."""
     target = parse_target(topology)
     sharding.mesh_shape(cfg.mesh, target.chips)
     devs = devices(target)
@@ -356,19 +358,29 @@ def max_batch(cfg: Config, topology: str, limit: int = 1 << 14) -> int:
     mesh = make_mesh(cfg.mesh, devs)
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     hbm = (flops.chip(devs[0].device_kind) or flops.Chip("", 2**62, 0, 0, 0)).hbm
+    totals = {}
 
     def ok(per_device: int) -> bool:
         c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_device * rows))
         try:
-            return memory(c, mesh)["total"] <= hbm
+            totals[per_device] = memory(c, mesh)["total"]
         except Exception as e:
             if out_of_memory(e) is None:
                 raise
-            return False
+            totals[per_device] = math.inf
+        return totals[per_device] <= hbm
 
-    lo, hi = 0, 1  # ok(lo) (or lo == 0), not ok(hi) once found
-    while hi <= limit and ok(hi):
-        lo, hi = hi, hi * 2
+    if not ok(1):
+        return 0
+    if not ok(2):
+        return rows
+    guess = min(limit, max(2, int((hbm - totals[1]) // max(totals[2] - totals[1], 1)) + 1))
+    lo, hi = (guess, None) if ok(guess) else (2, guess)  # lo fits; hi, where known, does not
+    step = 1
+    while hi is None and lo + step <= limit:  # up from a guess that fits: +1, +2, +4, ...
+        lo, hi, step = (lo + step, None, 2 * step) if ok(lo + step) else (lo, lo + step, step)
+    if hi is None:
+        return lo * rows
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
