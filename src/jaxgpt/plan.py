@@ -270,7 +270,7 @@ def collectives(hlo: str, grad_accum: int, steps: int) -> dict[str, dict]:
         else:
             continue
         arrays = _ARRAY.findall(shape)
-        if start and len(arrays) > 1:  # an async start's tuple holds its operands, then its results
+        if start and kind != "all-reduce":  # an async start's tuple holds its operands, then its results
             arrays = arrays[len(arrays) // 2:]
         nbytes = sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in arrays)
         depth = line.count("while/body")
