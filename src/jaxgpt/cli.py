@@ -191,8 +191,8 @@ class PlanArgs:
     accumulation, remat, compute dtype (auto: bfloat16), optimizer and mesh as 'jaxgpt train',
     on abstract inputs. Prints memory per device against the chip's and a verdict, FLOPs and
     bytes per step from XLA's cost analysis, a roofline step time with its tokens/s and MFU
-    ceiling, and the collectives in the program. A step that does not fit is an answer (exit
-    0). Flags override the config as in train (--mesh.fsdp 8, --data.batch-size 64, ...)."""
+    ceiling, and the collectives in the program. A step that does not fit is an answer:
+    exit 0. Flags override the config as in train (--mesh.fsdp 8, --data.batch-size 64, ...)."""
 
     preset: Positional[str]
     """A preset (gpt2-124m, ...) or a path to a config .toml."""
@@ -200,7 +200,8 @@ class PlanArgs:
     """v5e-8, v5p-64, v6e-256 (Cloud TPU names: v5e and v6e count chips, v5p TensorCores),
     libtpu's v5e:2x4 or v5p:2x4x4, or N GPUs: 8xh100."""
     max_batch: bool = False
-    """Also find the largest data.batch-size that fits (bisection over compiles; slow for big models)."""
+    """Also find the largest data.batch-size that fits: compiles at 1 and 2 rows a device give a
+    linear guess, compiles around it confirm it (minutes for big models)."""
     config: Annotated[Config, tyro.conf.arg(name="")] = Config()
     """The sections, as flags without a prefix: --model.n-layer, --mesh.fsdp, ..."""
 
@@ -501,7 +502,7 @@ USAGE = """usage: jaxgpt {prepare,train,sample,eval,lm-eval,convert,serve,info,p
   convert   export to Hugging Face GPT-2 layout  jaxgpt convert out/shakespeare-char-cpu hf-dir
   serve     an OpenAI-compatible HTTP server     jaxgpt serve --out-dir out/shakespeare-char-cpu --port 8000
   info      params, FLOPs and memory of a config jaxgpt info gpt2-124m
-  plan      compile for TPUs/GPUs you do not have jaxgpt plan gpt2-124m --topology v5p-8
+  plan      fit and speed on TPUs/GPUs       jaxgpt plan gpt2-124m --topology v5p-8
   plot      loss curves of runs as a PNG         jaxgpt plot out/a out/b --out loss.png
 
 Add --debug anywhere to see the full traceback of an error."""
