@@ -502,7 +502,7 @@ USAGE = """usage: jaxgpt {prepare,train,sample,eval,lm-eval,convert,serve,info,p
   convert   export to Hugging Face GPT-2 layout  jaxgpt convert out/shakespeare-char-cpu hf-dir
   serve     an OpenAI-compatible HTTP server     jaxgpt serve --out-dir out/shakespeare-char-cpu --port 8000
   info      params, FLOPs and memory of a config jaxgpt info gpt2-124m
-  plan      fit and speed on TPUs/GPUs       jaxgpt plan gpt2-124m --topology v5p-8
+  plan      fit and speed on TPUs/GPUs           jaxgpt plan gpt2-124m --topology v5p-8
   plot      loss curves of runs as a PNG         jaxgpt plot out/a out/b --out loss.png
 
 Add --debug anywhere to see the full traceback of an error."""
