@@ -99,7 +99,7 @@ def test_tiny_model_on_v5e_2x2(tiny):
     # AdamW's two moments shard like the params; five scalar counters are replicated
     assert 2 * m["params"] < m["opt_state"] <= 2 * m["params"] + 5 * 4
     assert m["total"] >= m["params"] + m["opt_state"] + m["activations"]
-    assert "fits with" in plan.verdict(p) and plan.fits(p)
+    assert plan.verdict(p).startswith("fits with ")
     c = p["collectives"]
     assert c["all-gather"]["count"] > 0 and c["all-reduce"]["count"] + c["reduce-scatter"]["count"] > 0
     xla_flops = p["cost"][0] * 4

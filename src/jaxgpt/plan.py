@@ -8,6 +8,7 @@ CUDA itself (pip install 'jax[cuda12-local]' at jax's version) and a description
 (XLA's GpuTargetConfig, cut down below).
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -19,7 +20,7 @@ import optax
 from jax.sharding import AxisType, Mesh
 
 from jaxgpt import flops, model, optim, sharding, step
-from jaxgpt.config import Config
+from jaxgpt.config import Config, MeshConfig
 from jaxgpt.errors import UserError
 
 
@@ -117,6 +118,9 @@ def devices(target: Target) -> list:
         except RuntimeError as e:
             if "TPU support not installed" in str(e):
                 raise PlanError(f"--topology {target.name} needs libtpu: pip install 'jaxgpt[tpu]'") from None
+            if "INVALID_ARGUMENT" in str(e):
+                raise PlanError(f"--topology {target.name}: libtpu rejects {target.topology}: "
+                                f"{str(e).splitlines()[0]}") from None
             raise
     else:
         try:
@@ -128,7 +132,7 @@ def devices(target: Target) -> list:
     return list(topology.devices)
 
 
-def make_mesh(mc, devices: list) -> Mesh:
+def make_mesh(mc: MeshConfig, devices: list) -> Mesh:
     """`sharding.make_mesh` over `devices` (compile-only ones) instead of this process's."""
     return jax.make_mesh(sharding.mesh_shape(mc, len(devices)), sharding.AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices)
@@ -280,15 +284,37 @@ def collectives(hlo: str, grad_accum: int, steps: int) -> dict[str, dict]:
     return out
 
 
-def plan(cfg: Config, topology: str) -> dict:
-    """Compiles train's step for `topology` and returns what XLA says about it: per-device
-    memory (or its out-of-memory error), the chip, FLOPs and bytes per step, a roofline step
-    time and the collectives. `cfg` as given to train (compute_dtype auto means bfloat16)."""
+@contextlib.contextmanager
+def _no_persistent_cache():
+    """Keeps compiles for compile-only devices out of XLA's persistent cache: it cannot load
+    them back (a warning on every later run) and they would only fill it."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # else the cache's first verdict (in use) sticks
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
+
+
+def _setting(cfg: Config, topology: str) -> tuple[Target, list, Config, Mesh]:
+    """The target, its devices, `cfg` as train resolves it there, and its mesh over them."""
     target = parse_target(topology)
     sharding.mesh_shape(cfg.mesh, target.chips)  # a mesh that does not fit the chips says so before libtpu loads
     devs = devices(target)
     cfg = on_accelerator(cfg)
-    mesh = make_mesh(cfg.mesh, devs)
+    return target, devs, cfg, make_mesh(cfg.mesh, devs)
+
+
+@_no_persistent_cache()
+def plan(cfg: Config, topology: str) -> dict:
+    """Compiles train's step for `topology` and returns what XLA says about it: per-device
+    memory (or its out-of-memory error), the chip, FLOPs and bytes per step, a roofline step
+    time and the collectives. `cfg` as given to train (compute_dtype auto means bfloat16)."""
+    target, devs, cfg, mesh = _setting(cfg, topology)
     kind = devs[0].device_kind
     chip = flops.chip(kind)
     tokens = cfg.train.grad_accum * cfg.data.batch_size * cfg.model.block_size
@@ -323,11 +349,6 @@ def roofline(p: dict, dtype) -> dict | None:
             "mfu": p["model_flops"] / (t * n * peak)}
 
 
-def fits(p: dict) -> bool:
-    hbm = p["chip"].hbm if p["chip"] else None
-    return p["oom"] is None and (hbm is None or p["memory"]["total"] <= hbm)
-
-
 def verdict(p: dict) -> str:
     """One line: fits with X GiB to spare / does not fit by X GiB."""
     hbm = p["chip"].hbm if p["chip"] else None
@@ -346,16 +367,13 @@ def verdict(p: dict) -> str:
     return f"fits with {(hbm - total) / 2**30:.2f} GiB to spare: {total / 2**30:.2f} of {hbm / 2**30:.2f} GiB a device"
 
 
+@_no_persistent_cache()
 def max_batch(cfg: Config, topology: str, limit: int = 1 << 14) -> int:
     """The largest data.batch_size (a multiple of the mesh's data × fsdp) whose train step fits
     the target's memory; 0 when one row a device does not. Memory grows about linearly with
     the rows, so two compiles (1 and 2 rows a device) give a guess, and compiles around it
     confirm it (bisection where XLA's compiler, which rematerialises near the limit, departs)."""
-    target = parse_target(topology)
-    sharding.mesh_shape(cfg.mesh, target.chips)
-    devs = devices(target)
-    cfg = on_accelerator(cfg)
-    mesh = make_mesh(cfg.mesh, devs)
+    _, devs, cfg, mesh = _setting(cfg, topology)
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     hbm = (flops.chip(devs[0].device_kind) or flops.Chip("", 2**62, 0, 0, 0)).hbm
     totals = {}
