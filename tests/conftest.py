@@ -24,6 +24,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # One CPU device, whatever a preset's mesh.cpu_devices asks: runs in and out of this process
 # must agree bit for bit. Tests of more devices set their own.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
+# The tests run on the CPU; with libtpu installed (the dev extras, for test_plan.py), JAX would
+# first look for a TPU and print libtpu's warnings in every process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:

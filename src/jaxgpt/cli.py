@@ -188,6 +188,28 @@ class InfoArgs:
 
 
 @dataclasses.dataclass
+class PlanArgs:
+    """Compile the training step of a preset or config for a TPU slice or a GPU node you do not
+    have, on this machine (pip install 'jaxgpt[tpu]'): the same step, block of steps, gradient
+    accumulation, remat, compute dtype (auto: bfloat16), optimizer and mesh as 'jaxgpt train',
+    on abstract inputs. Prints memory per device against the chip's and a verdict, FLOPs and
+    bytes per step from XLA's cost analysis, a roofline step time with its tokens/s and MFU
+    ceiling, and the collectives in the program. A step that does not fit is an answer:
+    exit 0. Flags override the config as in train (--mesh.fsdp 8, --data.batch-size 64, ...)."""
+
+    preset: Positional[str]
+    """A preset (gpt2-124m, ...) or a path to a config .toml."""
+    topology: str
+    """v5e-8, v5p-64, v6e-256 (Cloud TPU names: v5e and v6e count chips, v5p TensorCores),
+    libtpu's v5e:2x4 or v5p:2x4x4, or N GPUs: 8xh100."""
+    max_batch: bool = False
+    """Also find the largest data.batch-size that fits: compiles at 1 and 2 rows a device give a
+    linear guess, compiles around it confirm it (minutes for big models)."""
+    config: Annotated[Config, tyro.conf.arg(name="")] = Config()
+    """The sections, as flags without a prefix: --model.n-layer, --mesh.fsdp, ..."""
+
+
+@dataclasses.dataclass
 class PlotArgs:
     """Train and val loss of one or more runs against steps and tokens, in one PNG."""
 
@@ -395,15 +417,17 @@ def cmd_serve(argv: list[str]) -> None:
 
 
 def cmd_info(argv: list[str]) -> None:
-    from jaxgpt import checkpoint, step
+    import jax
+
+    from jaxgpt import checkpoint, sharding, step
 
     args = _parse(InfoArgs, argv, "jaxgpt info")
     target = Path(args.target)
     cfg = checkpoint.run_config(target) if (target / "config.toml").is_file() else config_lib.load(args.target)
     if (target / "run.json").is_file():  # a run: its mesh over as many devices as it had (faked on a CPU)
-        from jaxgpt import sharding
-
         sharding.request_cpu_device_count(len(json.loads((target / "run.json").read_text())["devices"]))
+    else:
+        sharding.request_cpu_devices(cfg.mesh, cfg.data.batch_size, lambda s: None)  # the devices train would use
     info = step.describe(cfg)
     m = cfg.model
     print(f"model: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, context {m.block_size}, "
@@ -411,9 +435,54 @@ def cmd_info(argv: list[str]) -> None:
     print(f"parameters: {info['params']:,} ({info['params_non_embedding']:,} without the position table)")
     print(f"FLOPs per token (training, 6N + 12LTD): {info['flops_per_token']:.3e}; "
           f"per step: {info['flops_per_token'] * info['tokens_per_step']:.3e} ({info['tokens_per_step']:,} tokens)")
-    print("memory per device:")
-    for key in ("params", "opt_state", "activations", "total"):
-        print(f"  {key:12s} {info['bytes'][key] / 2**20:10.1f} MiB")
+    mesh = " × ".join(f"{a} {n}" for a, n in zip(sharding.AXES, sharding.mesh_shape(cfg.mesh, jax.device_count())))
+    print(f"memory per device ({jax.device_count()} {jax.devices()[0].platform.upper()} devices, mesh {mesh}; "
+          "for other hardware: jaxgpt plan):")
+    for key, value in info["bytes"].items():
+        print(f"  {key:12s} {value / 2**20:10.1f} MiB")
+
+
+def cmd_plan(argv: list[str]) -> None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiles for the target; this machine's devices are unused
+    from jaxgpt import plan
+
+    preset = argv[0] if argv and not argv[0].startswith("-") else ""
+    while True:  # the preset gives the defaults the flags override; parse again if tyro found another
+        default = PlanArgs(preset, tyro.MISSING, config=config_lib.load(preset)) if preset else None
+        args = _parse(PlanArgs, argv, "jaxgpt plan", default=default)
+        if args.preset == preset:
+            break
+        preset = args.preset
+    cfg, p = args.config, plan.plan(args.config, args.topology)
+    t, m, mesh = p["target"], cfg.model, p["mesh"]
+    print(f"plan: {args.preset} on {t.name} ({t.chips} × {p['device_kind']}), mesh "
+          + " × ".join(f"{k} {v}" for k, v in mesh.items()))
+    print(f"model: {m.n_layer} layers, width {m.n_embd}, context {m.block_size}, vocabulary {m.vocab_size}; "
+          f"step: {cfg.train.grad_accum} × {cfg.data.batch_size} × {m.block_size} = {p['tokens_per_step']:,} tokens "
+          f"(grad_accum × batch × context), {plan.block_length(cfg)} a compiled call")
+    if p["memory"] is not None:
+        print("memory per device:")
+        notes = {"activations": "activations and temporaries (XLA's)", "other": "batches, outputs, program"}
+        for key, value in p["memory"].items():
+            print(f"  {key:12s} {value / 2**20:12,.1f} MiB  {notes.get(key, '')}".rstrip())
+    print(plan.verdict(p))
+    if p["memory"] is None:
+        return
+    per_step = f"XLA's count {p['cost'][0] * t.chips:.3e} against" if p["cost"] else "XLA gave no cost analysis;"
+    print(f"FLOPs per step (all devices): {per_step} the model's {p['model_flops']:.3e} (6N + 12LTD, as MFU counts)")
+    r = p["roofline"]
+    if r is not None and r["t_bytes"] is None:
+        print(f"roofline, compute only (no bytes counted): {r['step_s'] * 1e3:.2f} ms a step at "
+              f"{r['peak'] / 1e12:.0f} TFLOP/s a chip, {r['tokens_per_s']:,.0f} tokens/s at 100% MFU")
+    elif r is not None:
+        print(f"roofline: {r['step_s'] * 1e3:.2f} ms a step (compute {r['t_flops'] * 1e3:.2f} ms at "
+              f"{r['peak'] / 1e12:.0f} TFLOP/s a chip, memory {r['t_bytes'] * 1e3:.2f} ms for "
+              f"{p['cost'][1] / 1e9:.2f} GB a device at {p['chip'].bandwidth / 1e9:,.0f} GB/s): "
+              f"{r['tokens_per_s']:,.0f} tokens/s, MFU at most {100 * r['mfu']:.0f}%")
+    found = [f"{k} {c['count']:g} ({c['bytes'] / 2**20:,.1f} MiB)" for k, c in p["collectives"].items() if c["count"]]
+    print("collectives per step a device: " + (", ".join(found) or "none"))
+    if args.max_batch:
+        print(f"largest data.batch_size that fits: {plan.max_batch(cfg, args.topology)}")
 
 
 def cmd_plot(argv: list[str]) -> None:
@@ -424,9 +493,10 @@ def cmd_plot(argv: list[str]) -> None:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-            "lm-eval": cmd_lm_eval, "convert": cmd_convert, "serve": cmd_serve, "info": cmd_info, "plot": cmd_plot}
+            "lm-eval": cmd_lm_eval, "convert": cmd_convert, "serve": cmd_serve, "info": cmd_info, "plan": cmd_plan,
+            "plot": cmd_plot}
 
-USAGE = """usage: jaxgpt {prepare,train,sample,eval,lm-eval,convert,serve,info,plot} [--help] ...
+USAGE = """usage: jaxgpt {prepare,train,sample,eval,lm-eval,convert,serve,info,plan,plot} [--help] ...
 
   prepare   text -> token files + meta.json     jaxgpt prepare shakespeare
   train     train a model from a preset/config  jaxgpt train shakespeare-char-cpu
@@ -436,6 +506,7 @@ USAGE = """usage: jaxgpt {prepare,train,sample,eval,lm-eval,convert,serve,info,p
   convert   export to Hugging Face GPT-2 layout  jaxgpt convert out/shakespeare-char-cpu hf-dir
   serve     an OpenAI-compatible HTTP server     jaxgpt serve --out-dir out/shakespeare-char-cpu --port 8000
   info      params, FLOPs and memory of a config jaxgpt info gpt2-124m
+  plan      fit and speed on TPUs/GPUs           jaxgpt plan gpt2-124m --topology v5p-8
   plot      loss curves of runs as a PNG         jaxgpt plot out/a out/b --out loss.png
 
 Add --debug anywhere to see the full traceback of an error."""

@@ -1,31 +1,52 @@
-"""Peak FLOP/s of the devices a run uses, the denominator of MFU (model FLOPs utilisation:
-model.flops_per_token × tokens/s ÷ peak)."""
+"""The chips jaxgpt knows (memory, peak FLOP/s, memory bandwidth) and the peak FLOP/s of the
+devices a run uses, the denominator of MFU (model FLOPs utilisation: model.flops_per_token ×
+tokens/s ÷ peak). `jaxgpt plan` reads the same table for its memory verdict and roofline."""
 
+import dataclasses
 import functools
 import time
 
 import jax
 import jax.numpy as jnp
 
-# Dense peak FLOP/s per chip: (device_kind substring, bfloat16, float32 as XLA runs it by
-# default: TF32 on GPUs, bfloat16 passes on TPUs). The first match wins.
-PEAKS = [
-    ("H100 PCIe", 756e12, 378e12),
-    ("H100", 989e12, 495e12),
-    ("H200", 989e12, 495e12),
-    ("A100", 312e12, 156e12),
-    ("TPU v6 lite", 918e12, 918e12),
-    ("TPU v5 lite", 197e12, 197e12),
-    ("TPU v5", 459e12, 459e12),
-    ("TPU v4", 275e12, 275e12),
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    kind: str  # a substring of jax's device_kind
+    hbm: int  # bytes of device memory a program may use
+    bf16: float  # dense peak FLOP/s in bfloat16
+    f32: float  # and in float32 as XLA runs it by default: TF32 on GPUs, bfloat16 passes on TPUs
+    bandwidth: float  # memory bytes/s
+
+
+# Vendors' spec sheets. HBM: for TPUs, what XLA's TPU compiler reports available (16, 95 and
+# 32 GiB nominal); for the H100, the size in XLA's target spec (what CUDA reports). The first
+# match wins.
+CHIPS = [
+    Chip("H100 PCIe", 80 * GiB, 756e12, 378e12, 2.0e12),
+    Chip("H100", 84_942_979_072, 989e12, 495e12, 3.35e12),
+    Chip("H200", 141 * 10**9, 989e12, 495e12, 4.8e12),
+    Chip("A100-SXM4-40GB", 40 * GiB, 312e12, 156e12, 1.555e12),
+    Chip("A100-PCIE-40GB", 40 * GiB, 312e12, 156e12, 1.555e12),
+    Chip("A100", 80 * GiB, 312e12, 156e12, 2.039e12),
+    Chip("TPU v6 lite", int(31.25 * GiB), 918e12, 918e12, 1.64e12),
+    Chip("TPU v5 lite", int(15.75 * GiB), 197e12, 197e12, 0.819e12),
+    Chip("TPU v5", int(95.74 * GiB), 459e12, 459e12, 2.765e12),
+    Chip("TPU v4", 32 * GiB, 275e12, 275e12, 1.2e12),
 ]
 
 
+def chip(device_kind: str) -> Chip | None:
+    return next((c for c in CHIPS if c.kind in device_kind), None)
+
+
 def table_peak(device_kind: str, dtype) -> float | None:
-    for name, bf16, f32 in PEAKS:
-        if name in device_kind:
-            return bf16 if jnp.dtype(dtype) == jnp.bfloat16 else f32
-    return None
+    c = chip(device_kind)
+    if c is None:
+        return None
+    return c.bf16 if jnp.dtype(dtype) == jnp.bfloat16 else c.f32
 
 
 @functools.cache

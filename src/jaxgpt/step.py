@@ -204,20 +204,16 @@ def evaluate_split(params, ds: data.Dataset, cfg: Config, split: str = "val") ->
 
 
 def describe(cfg: Config) -> dict:
-    """Parameter count, FLOPs and the bytes one device holds for a training step, from the
-    compiled step's abstract shapes: nothing is allocated."""
-    opt = optim.make_optimizer(cfg.optim)
+    """Parameter count, FLOPs and the bytes one device holds for a training step under the
+    config's mesh over this process's devices, from the compiled step (`plan.memory`, as
+    `jaxgpt plan` reads it): nothing is allocated."""
+    from jaxgpt import plan  # plan compiles this module's steps
+
     params = model.abstract_params(cfg.model)
-    opt_state = jax.eval_shape(opt.init, params)
-    x = jax.ShapeDtypeStruct((cfg.train.grad_accum, cfg.data.batch_size, cfg.model.block_size), jnp.int32)
-    compiled = make_train_step(cfg, opt).lower(params, opt_state, x, x, 0).compile()
-    nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))  # noqa: E731
-    b = {"params": nbytes(params), "opt_state": nbytes(opt_state), "activations": compiled.memory_analysis().temp_size_in_bytes}
-    b["total"] = sum(b.values())
     return {
         "params": model.count_params(params),
         "params_non_embedding": model.count_params(params, non_embedding=True),
         "flops_per_token": model.flops_per_token(cfg.model),
-        "tokens_per_step": x.shape[0] * x.shape[1] * x.shape[2],
-        "bytes": b,
+        "tokens_per_step": cfg.train.grad_accum * cfg.data.batch_size * cfg.model.block_size,
+        "bytes": plan.memory(cfg, sharding.make_mesh(cfg.mesh)),
     }
