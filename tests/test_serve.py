@@ -332,6 +332,32 @@ def test_disconnect_frees_the_slot(server):
     assert engine.active == 0
 
 
+@pytest.mark.parametrize("length", [5, 300], ids=["short", "long"])
+def test_a_failed_insert_fails_its_sequence(server, monkeypatch, length):
+    """A sequence taken from the queue whose insertion into the batch cache raises ends with
+    an error event (its client is told), not silence; the engine serves on."""
+    import queue
+
+    real = engine_mod._insert
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "_insert", failing)
+    events = queue.Queue()
+    server["engine"].submit([Sequence(list(range(1, length + 1)), 4, lambda kind, payload: events.put((kind, payload)),
+                                      temperature=0)])
+    kind, payload = events.get(timeout=60)
+    assert kind == "error" and "injected" in payload
+    r = httpx.post(server["url"] + "/v1/completions", json={"model": server["model"], "prompt": "hi",
+                                                          "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
 def test_health_models_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [server["model"]]
     metrics = httpx.get(server["url"] + "/metrics").text

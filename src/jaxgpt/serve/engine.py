@@ -425,11 +425,11 @@ class Engine:
                                  np.int32(0), self.cfg)
                 computed += tokens_PL.size
                 for r, i in enumerate(idx):
-                    pending.discard(i)
                     if seqs[i].cancelled:
                         seqs[i].emit("done", "cancelled")
                     else:
                         self._insert(seqs[i], cache if len(idx) == 1 else _take_row(cache, np.int32(r)))
+                    pending.discard(i)  # only now: a sequence whose insert raised is in no row yet
         except Exception as e:  # the rows' sequences are failed by the caller; these are in no row yet
             for i in pending:
                 seqs[i].emit("error", f"the engine failed: {type(e).__name__}: {e}")
@@ -462,8 +462,8 @@ class Engine:
             if budget is not None:
                 budget -= tokens_1C.shape[1]
             if not starts:
-                self._prefilling = None
                 self._insert(seq, prompt_cache)
+                self._prefilling = None  # only now: _fail_all fails it if the insert raises
 
     def _start_prefill(self, seq: Sequence) -> None:
         """A long prompt but its last token, left-padded to a bucket of L slots, in chunks."""
