@@ -262,7 +262,8 @@ class Engine:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # set when compiled, or when that failed (see `failure`)
+        self.failure: Exception | None = None
         self.rows: list[Sequence | None] = [None] * slots
         self.tokens_per_s = 0.0
 
@@ -308,8 +309,13 @@ class Engine:
     # --- the engine thread ---------------------------------------------------------
 
     def _run(self) -> None:
-        self._setup()
-        self.ready.set()
+        try:
+            self._setup()
+        except Exception as e:  # a compile error, out of memory: `jaxgpt serve` reports it and exits
+            self.failure = e
+            return
+        finally:
+            self.ready.set()
         while True:
             with self._lock:
                 if self._stopping:
