@@ -524,14 +524,28 @@ def test_connection_limit_and_slow_clients(guarded, monkeypatch):
     assert httpx.get(guarded + "/health").status_code == 200
 
 
-def test_health_models_metrics(server, client):
+def test_health_models_metrics(server, client, loaded):
+    """/metrics counts what a request did: its tokens, one first token, and no slot or
+    queue entry left; the gauges are the engine's."""
     assert [m.id for m in client.models.list().data] == [server["model"]]
-    metrics = httpx.get(server["url"] + "/metrics").text
-    for name in ("jaxgpt_queue_depth", "jaxgpt_active_slots", "jaxgpt_tokens_per_second",
-                 "jaxgpt_time_to_first_token_seconds_bucket"):
-        assert name in metrics
-    count = next(line for line in metrics.splitlines() if line.startswith("jaxgpt_time_to_first_token_seconds_count"))
-    assert float(count.split()[-1]) > 0
+
+    def scrape():
+        text = httpx.get(server["url"] + "/metrics").text
+        return {name: _metric(text, name) for name in (
+            "jaxgpt_queue_depth", "jaxgpt_active_slots", "jaxgpt_decode_slots", "jaxgpt_tokens_per_second",
+            "jaxgpt_generated_tokens_total", "jaxgpt_time_to_first_token_seconds_count")}
+
+    before = scrape()
+    ids = loaded[2].encode(PROMPTS[1])
+    r = client.completions.create(model=server["model"], prompt=ids, max_tokens=7, temperature=0, n=2)
+    after = scrape()
+    assert r.usage.completion_tokens == 14 == after["jaxgpt_generated_tokens_total"] - before[
+        "jaxgpt_generated_tokens_total"]
+    assert after["jaxgpt_time_to_first_token_seconds_count"] - before["jaxgpt_time_to_first_token_seconds_count"] == 1
+    assert (after["jaxgpt_active_slots"], after["jaxgpt_queue_depth"], after["jaxgpt_decode_slots"]) == (0, 0, SLOTS)
+    assert after["jaxgpt_tokens_per_second"] > 0  # of the last decode chunk, which made tokens
+    health = httpx.get(server["url"] + "/health").json()
+    assert health == {"status": "ok", "active_slots": 0, "queue_depth": 0}
     assert httpx.get(server["url"] + "/v2/nothing").json()["error"]["code"] == "not_found"
 
 
