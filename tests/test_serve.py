@@ -332,13 +332,15 @@ def test_disconnect_frees_the_slot(server):
     assert engine.active == 0
 
 
-@pytest.mark.parametrize("length", [5, 300], ids=["short", "long"])
-def test_a_failed_insert_fails_its_sequence(server, monkeypatch, length):
-    """A sequence taken from the queue whose insertion into the batch cache raises ends with
-    an error event (its client is told), not silence; the engine serves on."""
+@pytest.mark.parametrize("length, module, name", [(5, engine_mod, "_insert"), (300, engine_mod, "_insert"),
+                                                   (300, model, "init_cache")], ids=["short", "long", "long-start"])
+def test_a_failed_insert_fails_its_sequence(server, monkeypatch, length, module, name):
+    """A sequence taken from the queue whose insertion into the batch cache (or the start of
+    its chunked prefill) raises ends with an error event (its client is told), not silence;
+    the engine serves on."""
     import queue
 
-    real = engine_mod._insert
+    real = getattr(module, name)
     calls = []
 
     def failing(*args, **kwargs):
@@ -347,7 +349,7 @@ def test_a_failed_insert_fails_its_sequence(server, monkeypatch, length):
             raise RuntimeError("injected")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_mod, "_insert", failing)
+    monkeypatch.setattr(module, name, failing)
     events = queue.Queue()
     server["engine"].submit([Sequence(list(range(1, length + 1)), 4, lambda kind, payload: events.put((kind, payload)),
                                       temperature=0)])

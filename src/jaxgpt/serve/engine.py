@@ -456,7 +456,11 @@ class Engine:
                 seq = self._next_waiting()
                 if seq is None:
                     return
-                self._start_prefill(seq)
+                try:
+                    self._start_prefill(seq)
+                except Exception as e:  # in no row and not prefilling: _fail_all would not see it
+                    seq.emit("error", f"the engine failed: {type(e).__name__}: {e}")
+                    raise
             seq, prompt_cache, starts = self._prefilling
             if seq.cancelled:
                 self._prefilling = None
