@@ -106,8 +106,9 @@ def _validation_error(e: ValidationError) -> ApiError:
     return ApiError(400, f"{param or 'body'}: {err['msg']}", param=param or None)
 
 
-def _too_large(size: str) -> ApiError:
-    return ApiError(413, f"the request body is {size}, over the limit of {MAX_BODY_BYTES:,} bytes: "
+def _too_large(declared: int | None) -> ApiError:
+    what = f"is {declared:,} bytes, over" if declared is not None else "passes"
+    return ApiError(413, f"the request body {what} the limit of {MAX_BODY_BYTES:,} bytes: "
                     "send shorter prompts or fewer of them", code="request_too_large")
 
 
@@ -116,14 +117,14 @@ async def _body(request: Request) -> bytes:
     else while it streams in), so that no large body is ever held in memory."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _too_large(f"{int(declared):,} bytes")
+        raise _too_large(int(declared))
     body = bytearray()
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > MAX_BODY_BYTES:
-                    raise _too_large("longer")
+                    raise _too_large(None)
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S} s: send it at once",
                        code="request_timeout") from None
