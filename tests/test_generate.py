@@ -117,6 +117,15 @@ def test_top_p_on_random_rows_matches_reference():
             assert set(np.flatnonzero(np.isfinite(row)).tolist()) == _kept_by_nucleus(probs / probs.sum(), p)
 
 
+def test_top_k_holds_when_top_p_is_one():
+    """top_p=1.0 keeps what top-k keeps: the float32 sum of the probabilities may never reach
+    1.0, which once kept all of GPT-2's 50,257 tokens."""
+    logits_BV = 3 * jax.random.normal(jax.random.key(4), (4, 50257))
+    for top_k in (1, 50):
+        kept_B = np.isfinite(np.asarray(filter_logits(logits_BV, 1.0, top_k=top_k, top_p=1.0))).sum(-1)
+        assert kept_B.tolist() == [top_k] * 4
+
+
 def test_varied_requests_in_one_bucket_compile_once():
     cfg, params = GPT2, _params(GPT2)
     compiles = []
@@ -212,16 +221,29 @@ def test_user_errors_name_the_problem(kwargs, message):
 
 
 def test_bfloat16_params_keep_a_bfloat16_cache():
-    """The cache takes the compute dtype: with bfloat16 params, half the bytes per slot, and
-    cached logits as the bfloat16 full forward's (within bfloat16 rounding)."""
+    """The cache takes the compute dtype: with bfloat16 params, half the bytes per slot; the
+    cached logits are float32 and the bfloat16 full forward's (within bfloat16 rounding)."""
     cfg = CHAR
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params(cfg))
     tokens_BT = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
     positions_BT = jnp.broadcast_to(jnp.arange(12), (2, 12))
     cache = model.init_cache(cfg, 2, 16, params["wte"].dtype)
     logits, cache = jax.jit(model.forward_cached, static_argnums=4)(params, tokens_BT, positions_BT, cache, cfg)
-    assert all(a.dtype == jnp.bfloat16 for a in cache["k_BGSK"] + cache["v_BGSK"])
+    assert all(a.dtype == jnp.bfloat16 for a in cache["k_BGSK"] + cache["v_BGSK"]) and logits.dtype == jnp.float32
     expected = jax.jit(model.forward, static_argnums=2)(params, tokens_BT, cfg)
-    np.testing.assert_allclose(np.asarray(logits, np.float32), np.asarray(expected, np.float32), atol=0.15, rtol=0.05)
-    out = generate(params, cfg, PROMPTS[:2], max_new_tokens=8, temperature=0)
-    assert [len(r) for r in out] == [8, 8]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("cfg", [CHAR, GPT2], ids=["char", "gpt2"])
+def test_bfloat16_greedy_equals_argmax_of_forward(cfg):
+    """Greedy generation on bfloat16 params picks, at every step, the argmax of the full
+    bfloat16 forward over the tokens so far (attention scores, softmax and logits float32
+    on both paths)."""
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params(cfg))
+    prompts = PROMPTS[:2]
+    out = generate(params, cfg, prompts, max_new_tokens=12, temperature=0)
+    for prompt, new in zip(prompts, out):
+        seq = np.array([prompt + new], np.int32)
+        logits_TV = jax.jit(model.forward, static_argnums=2)(params, seq, cfg)[0]
+        assert logits_TV.dtype == jnp.float32
+        assert np.argmax(np.asarray(logits_TV[len(prompt) - 1 : -1]), axis=-1).tolist() == new

@@ -69,7 +69,7 @@ def server(model_dir, loaded):
     engine.ready.wait()
     port = _free_port()
     app = api.create_app(engine, tok, model_dir.name, api.chat_template(model_dir))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(api.server_config(app, "127.0.0.1", port, max_connections=64))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
@@ -332,14 +332,222 @@ def test_disconnect_frees_the_slot(server):
     assert engine.active == 0
 
 
-def test_health_models_metrics(server, client):
+@pytest.mark.parametrize("length, module, name", [(5, engine_mod, "_insert"), (300, engine_mod, "_insert"),
+                                                   (300, model, "init_cache")], ids=["short", "long", "long-start"])
+def test_a_failed_insert_fails_its_sequence(server, monkeypatch, length, module, name):
+    """A sequence taken from the queue whose insertion into the batch cache (or the start of
+    its chunked prefill) raises ends with an error event (its client is told), not silence;
+    the engine serves on."""
+    import queue
+
+    real = getattr(module, name)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+    events = queue.Queue()
+    server["engine"].submit([Sequence(list(range(1, length + 1)), 4, lambda kind, payload: events.put((kind, payload)),
+                                      temperature=0)])
+    kind, payload = events.get(timeout=60)
+    assert kind == "error" and "injected" in payload
+    r = httpx.post(server["url"] + "/v1/completions", json={"model": server["model"], "prompt": "hi",
+                                                          "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def _raw_http(url: str, data: list[bytes], timeout: float = 30) -> bytes:
+    """Sends `data` piece by piece on one raw connection, then reads until the server closes it."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        try:
+            for piece in data:
+                sock.sendall(piece)
+        except OSError:  # the server answered and closed before the body's end: read the answer
+            pass
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def test_body_limit_is_enforced_while_reading(server):
+    """A body past the limit is refused from its Content-Length before any of it arrives,
+    and a chunked one as soon as the limit passes: neither is read to its end first."""
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    declared = _raw_http(server["url"], [(head + f"Content-Length: {10**12}\r\n\r\n").encode()])
+    chunk = b"%x\r\n%s\r\n" % (2**20, b" " * 2**20)
+    chunked = _raw_http(server["url"], [(head + "Transfer-Encoding: chunked\r\n\r\n").encode()] + [chunk] * 5)
+    for answer in (declared, chunked):  # neither body ever ends: only a limit enforced while reading answers
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+
+
+def test_tokenizing_runs_off_the_event_loop(server, loaded, monkeypatch):
+    """While a prompt is being tokenized (or a chat template rendered and tokenized), other
+    requests are served: the event loop is not the thread that does it."""
+    tok = loaded[2]
+    encode, entered, release = tok.encode, threading.Event(), threading.Event()
+
+    def slow_encode(self, text, *args, **kwargs):
+        if "BLOCK" in text:
+            entered.set()
+            release.wait(30)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "encode", slow_encode)  # a frozen dataclass: patched on its class
+    messages = [{"role": "user", "content": "BLOCK"}]
+    for path, body, prompt in [("/v1/completions", {"prompt": "BLOCK me"}, "BLOCK me"),
+                               ("/v1/chat/completions", {"messages": messages}, "user: BLOCK\nassistant:")]:
+        entered.clear()
+        release.clear()
+        answer = {}
+        body = {"model": server["model"], "max_tokens": 5, "temperature": 0} | body
+        thread = threading.Thread(target=lambda: answer.update(r=httpx.post(server["url"] + path, json=body,
+                                                                              timeout=60)))
+        thread.start()
+        try:
+            assert entered.wait(30)
+            assert httpx.get(server["url"] + "/health", timeout=10).status_code == 200  # while it tokenizes
+        finally:
+            release.set()
+            thread.join()
+        r = answer["r"].json()
+        text = r["choices"][0]["text"] if "text" in r["choices"][0] else r["choices"][0]["message"]["content"]
+        assert text == _greedy(loaded, [encode(prompt)], 5)[0]
+
+
+def test_non_streaming_disconnect_frees_the_slot(server):
+    """A client of a non-streaming request that goes away frees its slot at once: its
+    sequence is cancelled long before max_tokens."""
+    engine = server["engine"]
+    body = json.dumps({"model": server["model"], "prompt": "Once upon a time", "max_tokens": 480,
+                       "temperature": 0}).encode()
+    host, port = server["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.time() + 30
+        while not (seqs := [s for s in engine.rows if s is not None]) and time.time() < deadline:
+            time.sleep(0.001)
+    (seq,) = seqs
+    deadline = time.time() + 30
+    while engine.active and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.active == 0 and seq.cancelled and seq.generated < seq.max_tokens
+
+
+def test_more_sequences_than_the_queue_holds_is_a_400(server):
+    """prompts x n past --queue-size could never be queued: 400 saying so, not 503 forever."""
+    r = httpx.post(server["url"] + "/v1/completions", json={"model": server["model"], "prompt": ["a", "b"], "n": 9,
+                                                           "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_sequences"
+    assert "18 sequences" in r.json()["error"]["message"] and "(16)" in r.json()["error"]["message"]
+
+
+def test_a_startup_failure_ends_serve_with_one_line(model_dir, monkeypatch):
+    """A failure while compiling (here injected; out of memory is one) ends `serve` with a
+    UserError naming it, which the CLI prints as one line, instead of waiting forever."""
+    from jaxgpt import serve
+    from jaxgpt.errors import UserError
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nmany more lines")
+
+    monkeypatch.setattr(engine_mod, "_prefill", fail)
+    raised = []
+
+    def run():
+        try:
+            serve.serve(str(model_dir), port=_free_port(), slots=1)
+        except UserError as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive() and len(raised) == 1
+    assert str(raised[0]) == ("compiling for 1 slots failed (RuntimeError: RESOURCE_EXHAUSTED: out of memory): "
+                              "try fewer --slots, or --debug for the whole error")
+
+
+@pytest.fixture(scope="module")
+def guarded(server, loaded):
+    """A second server over the same engine, as `jaxgpt serve --api-key KEY --max-connections 2` runs it."""
+    app = api.create_app(server["engine"], loaded[2], server["model"], api_key="s3cret")
+    config = api.server_config(app, "127.0.0.1", _free_port(), max_connections=2)
+    config.lifespan = "off"  # the engine is the other server's
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{config.port}"
+    srv.should_exit = True
+    thread.join()
+
+
+def test_api_key(guarded, server):
+    body = {"model": server["model"], "prompt": "hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        r = httpx.post(guarded + "/v1/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json() == {"error": {"message": r.json()["error"]["message"], "type": "invalid_request_error",
+                                      "param": None, "code": "invalid_api_key"}}
+    with openai.OpenAI(base_url=guarded + "/v1", api_key="s3cret", max_retries=0) as client:
+        assert client.completions.create(**body).usage.completion_tokens == 2
+    with openai.OpenAI(base_url=guarded + "/v1", api_key="wrong", max_retries=0) as client, \
+            pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    assert httpx.get(guarded + "/health").status_code == 200  # probes need no key, as vLLM's
+
+
+def test_connection_limit_and_slow_clients(guarded, monkeypatch):
+    """Past --max-connections a new connection gets 503; a client that sends its headers or
+    its body too slowly is cut off (timeouts shortened here), and then others get in."""
+    host, port = guarded.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(2)]
+    try:
+        assert httpx.get(guarded + "/health").status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    assert httpx.get(guarded + "/health").status_code == 200
+    monkeypatch.setattr(api, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(api, "BODY_TIMEOUT_S", 0.5)
+    assert _raw_http(guarded, [b"GET /health HTTP/1.1\r\nHost: x\r\n"]) == b""  # closed, no answer
+    slow_body = _raw_http(guarded, [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                                    b"Content-Length: 100\r\nConnection: close\r\n\r\n{"])
+    assert slow_body.startswith(b"HTTP/1.1 408") and b"request_timeout" in slow_body
+    assert httpx.get(guarded + "/health").status_code == 200
+
+
+def test_health_models_metrics(server, client, loaded):
+    """/metrics counts what a request did: its tokens, one first token, and no slot or
+    queue entry left; the gauges are the engine's."""
     assert [m.id for m in client.models.list().data] == [server["model"]]
-    metrics = httpx.get(server["url"] + "/metrics").text
-    for name in ("jaxgpt_queue_depth", "jaxgpt_active_slots", "jaxgpt_tokens_per_second",
-                 "jaxgpt_time_to_first_token_seconds_bucket"):
-        assert name in metrics
-    count = next(line for line in metrics.splitlines() if line.startswith("jaxgpt_time_to_first_token_seconds_count"))
-    assert float(count.split()[-1]) > 0
+
+    def scrape():
+        text = httpx.get(server["url"] + "/metrics").text
+        return {name: _metric(text, name) for name in (
+            "jaxgpt_queue_depth", "jaxgpt_active_slots", "jaxgpt_decode_slots", "jaxgpt_tokens_per_second",
+            "jaxgpt_generated_tokens_total", "jaxgpt_time_to_first_token_seconds_count")}
+
+    before = scrape()
+    ids = loaded[2].encode(PROMPTS[1])
+    r = client.completions.create(model=server["model"], prompt=ids, max_tokens=7, temperature=0, n=2)
+    after = scrape()
+    assert r.usage.completion_tokens == 14 == after["jaxgpt_generated_tokens_total"] - before[
+        "jaxgpt_generated_tokens_total"]
+    assert after["jaxgpt_time_to_first_token_seconds_count"] - before["jaxgpt_time_to_first_token_seconds_count"] == 1
+    assert (after["jaxgpt_active_slots"], after["jaxgpt_queue_depth"], after["jaxgpt_decode_slots"]) == (0, 0, SLOTS)
+    assert after["jaxgpt_tokens_per_second"] > 0  # of the last decode chunk, which made tokens
+    health = httpx.get(server["url"] + "/health").json()
+    assert health == {"status": "ok", "active_slots": 0, "queue_depth": 0}
     assert httpx.get(server["url"] + "/v2/nothing").json()["error"]["code"] == "not_found"
 
 
@@ -427,3 +635,130 @@ def test_engine_serves_modern_architectures():
         engine.stop()
     assert got[:3] == generate(params, cfg, prompts, 20, temperature=0)
     assert got[3] == generate(params, cfg, [prompts[0]] * 2, 20, temperature=1.0, top_k=20, seed=3)[1]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_soak(server, loaded):
+    """About 40 s of mixed traffic from 12 clients at once on 4 slots and a queue of 16:
+    streaming and not, n up to 3, seeds, stop strings, chat, clients that drop mid-stream,
+    malformed and oversize bodies, and a queue that fills (503). Then: no other 5xx, every
+    completed choice equals `jaxgpt.generate` for its seed (row i of its request), the
+    metrics show no active slot and an empty queue, and this process (the server's) grew
+    its resident memory by less than 10%."""
+    cfg, params, tok = loaded
+    url, name = server["url"], server["model"]
+    rng = np.random.default_rng(27)
+    done, statuses = [], []  # (request, the choices' texts) of each completed request
+
+    def request(rng):
+        # Few shapes for generate to compile below: n=2 with filters is compiled by the test above.
+        n = int(rng.choice([1, 2]))
+        kind = rng.choice(["greedy", "temperature", "filtered"], p=[0.4, 0.4, 0.2])
+        n = 2 if kind == "filtered" else n
+        body = {"model": name, "prompt": rng.integers(0, 50000, size=int(rng.integers(1, 16))).tolist(),
+                "max_tokens": int(rng.integers(4, 17)), "n": n, "stream": bool(rng.integers(2))}
+        body |= {"greedy": {"temperature": 0}, "temperature": {"temperature": 0.9, "seed": int(rng.integers(1000))},
+                 "filtered": {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": int(rng.integers(1000))}}[kind]
+        if rng.random() < 0.3:
+            body["stop"] = ["e", "\n"]
+        return body
+
+    async def one(http, rng):
+        roll = rng.random()
+        if roll < 0.05:
+            r = await http.post("/v1/completions", content=b'{"model": ', headers={"content-type": "application/json"})
+            statuses.append(r.status_code)
+            assert r.status_code == 400
+            return
+        if roll < 0.08:
+            r = await http.post("/v1/completions", content=b" " * (api.MAX_BODY_BYTES + 1))
+            statuses.append(r.status_code)
+            assert r.status_code == 413
+            return
+        body = request(rng)
+        if roll < 0.2:  # drops mid-stream
+            body |= {"stream": True, "max_tokens": 400}
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    async for _ in r.aiter_raw():
+                        break
+            return
+        if roll < 0.3:  # chat, greedy: the template's prompt
+            body |= {"temperature": 0}
+            text = tok.decode(body.pop("prompt"))
+            body["messages"] = [{"role": "user", "content": text}]
+            body["prompt"] = tok.encode(f"user: {text}\nassistant:")
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        wire = {k: v for k, v in body.items() if not (k == "prompt" and path.endswith("chat/completions"))}
+        if not body["stream"]:
+            r = await http.post(path, json=wire)
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                await asyncio.sleep(0.1)  # as Retry-After asks, shorter
+            if r.status_code == 200:
+                choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+                done.append((body, [c["text"] if "text" in c else c["message"]["content"] for c in choices]))
+            return
+        texts = [""] * body["n"]
+        async with http.stream("POST", path, json=wire) as r:
+            statuses.append(r.status_code)
+            if r.status_code != 200:
+                await asyncio.sleep(0.1)
+                return
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    c = json.loads(line[6:])["choices"][0]
+                    texts[c["index"]] += c.get("text") or c.get("delta", {}).get("content") or ""
+        done.append((body, texts))
+
+    async def soak(seconds):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            t_end = time.monotonic() + seconds
+
+            async def client(k):
+                crng = np.random.default_rng([27, k])
+                while time.monotonic() < t_end:
+                    await one(http, crng)
+
+            await asyncio.gather(*(client(k) for k in range(12)))
+
+    asyncio.run(soak(3))  # warm-up: what grows once (compiled code, pools) grows here
+    rss0 = _rss_bytes()
+    done.clear()
+    asyncio.run(soak(30))
+    rss1 = _rss_bytes()
+
+    assert all(s in (200, 400, 413, 503) for s in statuses), sorted(set(statuses))
+    assert statuses.count(503) > 0 and statuses.count(200) > 50  # the queue filled, and most were served
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        metrics = httpx.get(url + "/metrics").text
+        if _metric(metrics, "jaxgpt_active_slots") == 0 and _metric(metrics, "jaxgpt_queue_depth") == 0:
+            break
+        time.sleep(0.1)
+    assert _metric(metrics, "jaxgpt_active_slots") == 0 and _metric(metrics, "jaxgpt_queue_depth") == 0
+    assert rss1 < 1.1 * rss0, (rss0, rss1)
+
+    # Greedy rows do not depend on seed or row: all in one call, cut to each max_tokens.
+    greedy = {tuple(b["prompt"]) for b, _ in done if b["temperature"] == 0}
+    greedy = dict(zip(greedy, generate(params, cfg, [list(p) for p in greedy], 16, temperature=0,
+                                       stop_tokens=[tok.eot_token])))
+    for body, texts in done:
+        if body["temperature"] == 0:
+            rows = [greedy[tuple(body["prompt"])][: body["max_tokens"]]] * body["n"]
+        else:
+            rows = generate(params, cfg, [body["prompt"]] * body["n"], body["max_tokens"], body["temperature"],
+                            body.get("top_k"), body.get("top_p"), body["seed"], stop_tokens=[tok.eot_token])
+        expected = [tok.decode([t for t in row if t != tok.eot_token]) for row in rows]
+        for s in body.get("stop", []):
+            expected = [e[: e.index(s)] if s in e else e for e in expected]
+        assert texts == expected, body

@@ -198,8 +198,9 @@ def test_tensor_parallel_rules_reach_the_params():
         assert block["attn"]["c_attn"]["bias"] == P("tensor") and block["ln_1"]["scale"] == P()
 
 
-def test_cpu_devices_per_core_train_as_one_device(tiny_dataset, tmp_path):
-    """mesh.cpu_devices = 0 (the CPU preset's) splits the cores into devices: the same losses."""
+def test_cpu_devices_per_core_train_as_one_device(tiny_dataset, tmp_path, capsys):
+    """mesh.cpu_devices = 0 (the CPU preset's) splits the cores into devices: the same losses;
+    the run samples and evaluates on one device as the run trained on one does."""
     from jaxgpt import cli
 
     args = ["train", "shakespeare-char-cpu", "--data-dir", str(tiny_dataset), "--model.n-layer", "1",
@@ -215,6 +216,14 @@ def test_cpu_devices_per_core_train_as_one_device(tiny_dataset, tmp_path):
     assert len(json.loads((tmp_path / "split" / "run.json").read_text())["devices"]) == expected
     assert cli.main([*args, "--out-dir", str(tmp_path / "one")]) == 0  # this process has its one device
     np.testing.assert_allclose(losses(tmp_path / "split"), losses(tmp_path / "one"), rtol=1e-5)
-    # a run saved from several devices samples and evaluates on this process's one
-    assert cli.main(["sample", "--out-dir", str(tmp_path / "split"), "--max-new-tokens", "4", "--num-samples", "1"]) == 0
-    assert cli.main(["eval", "--out-dir", str(tmp_path / "split")]) == 0
+    # a run saved from several devices samples and evaluates on this process's one, as the one-device run
+    outputs = {}
+    for run in ("split", "one"):
+        capsys.readouterr()
+        assert cli.main(["sample", "--out-dir", str(tmp_path / run), "--max-new-tokens", "8", "--num-samples", "1",
+                         "--temperature", "0"]) == 0
+        assert cli.main(["eval", "--out-dir", str(tmp_path / run), "--json"]) == 0
+        text, result = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+        outputs[run] = (text, json.loads(result)["loss"])
+    assert outputs["split"][0] == outputs["one"][0] and len(outputs["one"][0]) == 1 + 8  # "\n" and 8 characters
+    np.testing.assert_allclose(outputs["split"][1], outputs["one"][1], rtol=1e-5)

@@ -175,6 +175,10 @@ class ServeArgs:
     """Sequences decoded together (each choice of a request takes one)."""
     queue_size: int = 64
     """Sequences that may wait for a slot; past that a request gets 503 with Retry-After."""
+    api_key: str | None = None
+    """Require 'Authorization: Bearer KEY' on the /v1 routes (else 401); default: $JAXGPT_API_KEY if set."""
+    max_connections: int = 256
+    """Open HTTP connections at most; more get 503."""
     checkpoint: Literal["best", "latest"] = "best"
 
 
@@ -413,7 +417,8 @@ def cmd_serve(argv: list[str]) -> None:
     args = _parse(ServeArgs, argv, "jaxgpt serve")
     if (args.out_dir is None) == (args.init_from is None):
         raise config_lib.ConfigError("give either --out-dir RUN_DIR or --init-from gpt2|HF_DIR")
-    serve.serve(args.out_dir or args.init_from, args.checkpoint, args.host, args.port, args.slots, args.queue_size)
+    serve.serve(args.out_dir or args.init_from, args.checkpoint, args.host, args.port, args.slots, args.queue_size,
+                args.api_key, args.max_connections)
 
 
 def cmd_info(argv: list[str]) -> None:

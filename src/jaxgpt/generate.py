@@ -46,15 +46,17 @@ def filter_logits(logits_BV: jax.Array, temperature, top_k=None, top_p=None) -> 
     if top_k is None and top_p is None:
         return logits_BV
     sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+    cutoff_B1 = jnp.full(logits_BV.shape[:-1] + (1,), -jnp.inf, logits_BV.dtype)
     if top_k is not None:
-        kth_B1 = jnp.take_along_axis(sorted_BV, jnp.reshape(top_k - 1, (1, 1)), axis=-1)
-        sorted_BV = jnp.where(sorted_BV >= kth_B1, sorted_BV, -jnp.inf)
-        cutoff_B1 = kth_B1
+        cutoff_B1 = jnp.take_along_axis(sorted_BV, jnp.reshape(top_k - 1, (1, 1)), axis=-1)
+        sorted_BV = jnp.where(sorted_BV >= cutoff_B1, sorted_BV, -jnp.inf)
     if top_p is not None:
         probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
         mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
         n_keep_B1 = jnp.sum(mass_before_BV < top_p, axis=-1, keepdims=True)
-        cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
+        # Float32 sums of probabilities may stay below 1.0 to the last token: the top-k
+        # cutoff still holds then.
+        cutoff_B1 = jnp.maximum(cutoff_B1, jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1))
     return jnp.where(logits_BV >= cutoff_B1, logits_BV, -jnp.inf)
 
 
@@ -93,12 +95,13 @@ def _advance(state: dict, logits_BV, sampling: dict, sampler: tuple) -> dict:
 
 
 def last_logits(params, h_ND, B: int, cfg: GPTConfig) -> jax.Array:
-    """Logits [B, V] of each row's last position."""
+    """Float32 logits [B, V] of each row's last position."""
     h_BD, head_VD = h_ND.reshape(B, -1, h_ND.shape[-1])[:, -1], model.output_embedding(params)
     if B == 1:
-        return model.softcap(h_BD @ head_VD.T, cfg)
+        return model.softcap(jnp.matmul(h_BD, head_VD.T, preferred_element_type=jnp.float32), cfg)
     # As in model.transpose_kernels: a few rows go ~1.7x faster with the weight on the left.
-    return model.softcap(jax.lax.optimization_barrier(head_VD @ h_BD.T).T, cfg)
+    logits_VB = jnp.matmul(head_VD, h_BD.T, preferred_element_type=jnp.float32)
+    return model.softcap(jax.lax.optimization_barrier(logits_VB).T, cfg)
 
 
 def _max_slots(P: int, n_new: int, cfg: GPTConfig) -> int:

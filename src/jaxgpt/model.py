@@ -342,9 +342,11 @@ def _block_cached(p: dict, x_ND, positions_BT, kv: tuple, at, mask_B1TS, cfg: GP
     k_BGSK = jax.lax.dynamic_update_slice(kv[0], k_BTGK.transpose(0, 2, 1, 3), (0, 0, at, 0))
     v_BGSK = jax.lax.dynamic_update_slice(kv[1], v_BTGK.transpose(0, 2, 1, 3), (0, 0, at, 0))
     q_BGRTK = q_BTHK.reshape(B, T, G, H // G, K).transpose(0, 2, 3, 1, 4)  # R: query heads per key/value head
-    s_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK) / _score_divisor(cfg, layer)
-    p_BGRTS = jax.nn.softmax(jnp.where(mask_B1TS[:, :, None], s_BGRTS, jnp.finfo(s_BGRTS.dtype).min), axis=-1)
-    y_BTGRK = jnp.einsum("bgrts,bgsk->btgrk", p_BGRTS, v_BGSK)
+    # As jax.nn.dot_product_attention computes the training forward's: scores and softmax in float32.
+    s_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK, preferred_element_type=jnp.float32)
+    s_BGRTS = s_BGRTS * jnp.float32(1 / _score_divisor(cfg, layer))
+    p_BGRTS = jax.nn.softmax(jnp.where(mask_B1TS[:, :, None], s_BGRTS, jnp.finfo(jnp.float32).min), axis=-1)
+    y_BTGRK = jnp.einsum("bgrts,bgsk->btgrk", p_BGRTS.astype(v_BGSK.dtype), v_BGSK)
     x_ND = _mlp_residual(p, x_ND + _dense(p["attn"]["c_proj"], y_BTGRK.reshape(N, H * K)), cfg, None)
     return x_ND, (k_BGSK, v_BGSK)
 

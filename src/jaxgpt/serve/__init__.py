@@ -3,6 +3,7 @@
 `engine` holds the decode slots and is the only code that touches JAX (on its own thread);
 `api` is the FastAPI side. Needs the serve extra: pip install 'jaxgpt[serve]'."""
 
+import os
 import socket
 from pathlib import Path
 
@@ -10,10 +11,10 @@ from jaxgpt.errors import UserError
 
 
 def serve(source: str, which: str = "best", host: str = "127.0.0.1", port: int = 8000, slots: int = 16,
-          queue_size: int = 64) -> None:
+          queue_size: int = 64, api_key: str | None = None, max_connections: int = 256) -> None:
     """Loads `source` (a run directory, an HF directory or a Hub name), compiles, and
     serves it until SIGINT or SIGTERM, which stop new connections and drain the requests
-    in flight."""
+    in flight. `api_key` (else $JAXGPT_API_KEY, if set) guards the /v1 routes."""
     try:
         import uvicorn
 
@@ -23,8 +24,10 @@ def serve(source: str, which: str = "best", host: str = "127.0.0.1", port: int =
     from jaxgpt import load
     from jaxgpt.serve.engine import Engine
 
-    if slots < 1 or queue_size < 1:
-        raise UserError(f"--slots {slots} and --queue-size {queue_size}: both must be at least 1")
+    if slots < 1 or queue_size < 1 or max_connections < 1:
+        raise UserError(f"--slots {slots}, --queue-size {queue_size} and --max-connections {max_connections}: "
+                        "each must be at least 1")
+    api_key = api_key or os.environ.get("JAXGPT_API_KEY") or None
     with socket.socket() as probe:  # before minutes of loading and compiling, as uvicorn binds
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -40,6 +43,11 @@ def serve(source: str, which: str = "best", host: str = "127.0.0.1", port: int =
     engine = Engine(params, cfg, slots=slots, max_queue=queue_size, log=lambda s: print(s, flush=True))
     engine.start()
     engine.ready.wait()
-    app = api.create_app(engine, tok, model_id, template)
-    print(f"listening on http://{host}:{port}/v1 (model {model_id!r})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if engine.failure is not None:
+        first_line = (str(engine.failure).strip().splitlines() or [""])[0]
+        raise UserError(f"compiling for {slots} slots failed ({type(engine.failure).__name__}: {first_line}): "
+                        "try fewer --slots, or --debug for the whole error") from engine.failure
+    app = api.create_app(engine, tok, model_id, template, api_key)
+    print(f"listening on http://{host}:{port}/v1 (model {model_id!r}; "
+          f"{'API key required' if api_key else 'no API key'})", flush=True)
+    uvicorn.Server(api.server_config(app, host, port, max_connections)).run()

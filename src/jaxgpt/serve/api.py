@@ -18,13 +18,19 @@ from pathlib import Path
 from typing import Literal
 
 import prometheus_client
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from jaxgpt.serve.engine import TOP_LOGPROBS, Draining, Engine, QueueFull, Sequence
 
-MAX_BODY_BYTES = 4 * 2**20  # a request body past this is refused (413) before it is parsed
+MAX_BODY_BYTES = 4 * 2**20  # a request body past this is refused (413) as soon as it is known to be
+BODY_TIMEOUT_S = 30  # a request body must arrive within this (408), headers within HEADER_TIMEOUT_S
+HEADER_TIMEOUT_S = 10  # else the connection is closed: slow clients (slowloris) cannot hold connections
+KEEP_ALIVE_S = 5  # an idle connection is closed after this
+LINGER_S = 2  # what a client still sends after its answer is read and dropped this long (see _LingeringTransport)
 MAX_N = 16  # choices per request
 RETRY_AFTER_S = 1  # what a client told the queue is full should wait
 
@@ -100,11 +106,33 @@ def _validation_error(e: ValidationError) -> ApiError:
     return ApiError(400, f"{param or 'body'}: {err['msg']}", param=param or None)
 
 
+def _too_large(declared: int | None) -> ApiError:
+    what = f"is {declared:,} bytes, over" if declared is not None else "passes"
+    return ApiError(413, f"the request body {what} the limit of {MAX_BODY_BYTES:,} bytes: "
+                    "send shorter prompts or fewer of them", code="request_too_large")
+
+
+async def _body(request: Request) -> bytes:
+    """The body, refused as soon as it is known to pass MAX_BODY_BYTES (from Content-Length,
+    else while it streams in), so that no large body is ever held in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large(int(declared))
+    body = bytearray()
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise _too_large(None)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S} s: send it at once",
+                       code="request_timeout") from None
+    return bytes(body)
+
+
 async def _parse(request: Request, cls):
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is {len(body):,} bytes, over the limit of {MAX_BODY_BYTES:,}: "
-                       "send shorter prompts or fewer of them", code="request_too_large")
+    body = await _body(request)
     try:
         return cls.model_validate_json(body)
     except ValidationError as e:
@@ -182,6 +210,10 @@ class _Job:
                 self.prompt_of.append(p)
         self.tokens = [0] * len(self.seqs)
         self.first_token_seen = False
+        if len(self.seqs) > state.engine.max_queue:  # would get 503 forever
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={body.n} are {len(self.seqs)} sequences, more than "
+                           f"this server queues ({state.engine.max_queue}): send fewer prompts or a smaller n",
+                           param="n", code="too_many_sequences")
         try:
             state.engine.submit(self.seqs)
         except QueueFull:
@@ -194,16 +226,14 @@ class _Job:
 
     async def events(self, request: Request):
         """(choice, text delta, logprobs, finish reason or None) until every choice ends; a
-        client that goes away cancels the rest."""
+        client that goes away cancels the rest before the engine's next decode chunk."""
         open_ = set(range(len(self.seqs)))
+        watcher = asyncio.create_task(self._watch(request))
         try:
             while open_:
-                try:
-                    i, kind, payload = await asyncio.wait_for(self.queue.get(), 0.1)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                i, kind, payload = await self.queue.get()
+                if kind == "disconnected":
+                    return
                 if i not in open_:  # cut at a stop string already
                     continue
                 text = self.texts[i]
@@ -227,7 +257,16 @@ class _Job:
                         raise ApiError(500, payload, kind="server_error")
                     yield i, text.finish(), None, "length" if payload == "length" else "stop"
         finally:
+            watcher.cancel()
             self.state.engine.cancel(self.seqs)
+
+    async def _watch(self, request: Request) -> None:
+        """Tells `events` when the client disconnects: the body is read, so the next ASGI
+        message is the disconnect."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.state.engine.cancel(self.seqs)
+        self.queue.put_nowait((None, "disconnected", None))
 
     def _logprobs(self, ids, lps, top_ids, top_lps):
         if lps is None:
@@ -266,6 +305,17 @@ class _State:
         self.ttft = prometheus_client.Histogram(
             "jaxgpt_time_to_first_token_seconds", "From a request's arrival to its first new token",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+
+
+def _authorize(request: Request, api_key: str | None) -> None:
+    """Bearer authentication of the /v1 routes, as vLLM's --api-key."""
+    if api_key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>' with the "
+                       "key the server was started with", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
 
 
 def _check_model(state: _State, body) -> None:
@@ -307,8 +357,10 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def create_app(engine: Engine, tokenizer, model_id: str, template: str | None = None) -> FastAPI:
-    """The FastAPI app over a started engine. Stopping the app (lifespan end) stops the engine."""
+def create_app(engine: Engine, tokenizer, model_id: str, template: str | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over a started engine. Stopping the app (lifespan end) stops the engine.
+    With `api_key`, the /v1 routes need it as a Bearer token (401 without)."""
     from contextlib import asynccontextmanager
 
     state = _State(engine, tokenizer, model_id, template)
@@ -343,13 +395,15 @@ def create_app(engine: Engine, tokenizer, model_id: str, template: str | None = 
                         media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        _authorize(request, api_key)
         card = {"id": model_id, "object": "model", "created": 0, "owned_by": "jaxgpt",
                 "max_model_len": engine.cfg.block_size}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        _authorize(request, api_key)
         body = await _parse(request, CompletionRequest)
         _check_model(state, body)
         if body.echo and body.logprobs is not None:
@@ -358,7 +412,8 @@ def create_app(engine: Engine, tokenizer, model_id: str, template: str | None = 
         p = body.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
             texts = [p] if isinstance(p, str) else p
-            prompts = [tokenizer.encode(t) for t in texts]
+            # Off the event loop: a 4 MB prompt takes seconds to encode, and every stream would wait.
+            prompts = await asyncio.to_thread(lambda: [tokenizer.encode(t) for t in texts])
         else:
             prompts = [p] if not p or isinstance(p[0], int) else p
         max_tokens = min(_check_length(state, q, body.max_tokens, "prompt") for q in prompts)
@@ -382,6 +437,7 @@ def create_app(engine: Engine, tokenizer, model_id: str, template: str | None = 
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        _authorize(request, api_key)
         body = await _parse(request, ChatRequest)
         _check_model(state, body)
         if state.template is None:
@@ -391,8 +447,8 @@ def create_app(engine: Engine, tokenizer, model_id: str, template: str | None = 
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                      else "".join(part.text for part in m.content)} for m in body.messages]
         eot = tokenizer.decode([tokenizer.eot_token]) if tokenizer.eot_token is not None else ""
-        prompt = tokenizer.encode(state.template.render(messages=messages, add_generation_prompt=True,
-                                                        eos_token=eot, bos_token=eot))
+        prompt = await asyncio.to_thread(lambda: tokenizer.encode(state.template.render(
+            messages=messages, add_generation_prompt=True, eos_token=eot, bos_token=eot)))  # off the loop, as above
         max_tokens = _check_length(state, prompt, body.max_completion_tokens or body.max_tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         job = _Job(state, [prompt], max_tokens, body, _stops(body.stop), logprobs)
@@ -460,3 +516,62 @@ def _stream(request: Request, job: _Job, body, head: dict, choice, echo: list[st
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _LingeringTransport:
+    """A transport whose close() sends what was written, then reads and drops what the
+    client still sends, for up to LINGER_S, before it closes: a socket closed with unread
+    data resets the connection, and the client would lose the answer (a 413 sent before
+    its body's end, as nginx's lingering close avoids)."""
+
+    def __init__(self, transport, loop):
+        self._transport, self._loop, self.lingering = transport, loop, False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        self.lingering = True
+        self._transport.resume_reading()
+        self._transport.write_eof()
+        self._loop.call_later(LINGER_S, self._transport.close)
+
+    def close_now(self) -> None:
+        self._transport.close()
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 with a deadline for each request's line and headers (a client that
+    sends them slowly, slowloris, is cut off instead of holding a connection) and a
+    lingering close."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(_LingeringTransport(transport, self.loop))
+        self._expect_request(None)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.transport.lingering:  # else dropped: the connection is closing
+            super().data_received(data)
+
+    def eof_received(self) -> None:
+        if self.transport.lingering:
+            self.transport.close_now()
+
+    def on_response_complete(self) -> None:
+        done = self.cycle
+        super().on_response_complete()  # may start a pipelined request already
+        self._expect_request(done)
+
+    def _expect_request(self, done) -> None:
+        """Closes the connection unless a request after `done` (a cycle, or None) arrives in time."""
+        self.loop.call_later(HEADER_TIMEOUT_S, lambda: self.cycle is done and self.transport.close())
+
+
+def server_config(app: FastAPI, host: str, port: int, max_connections: int) -> uvicorn.Config:
+    """uvicorn's settings for `app`: at most `max_connections` open connections (more get
+    503), and the slow-client deadlines above."""
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=_Protocol,
+                          limit_concurrency=max_connections + 1,  # uvicorn counts the connection asking
+                          timeout_keep_alive=KEEP_ALIVE_S)

@@ -262,7 +262,8 @@ class Engine:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # set when compiled, or when that failed (see `failure`)
+        self.failure: Exception | None = None
         self.rows: list[Sequence | None] = [None] * slots
         self.tokens_per_s = 0.0
 
@@ -308,8 +309,13 @@ class Engine:
     # --- the engine thread ---------------------------------------------------------
 
     def _run(self) -> None:
-        self._setup()
-        self.ready.set()
+        try:
+            self._setup()
+        except Exception as e:  # a compile error, out of memory: `jaxgpt serve` reports it and exits
+            self.failure = e
+            return
+        finally:
+            self.ready.set()
         while True:
             with self._lock:
                 if self._stopping:
@@ -425,11 +431,11 @@ class Engine:
                                  np.int32(0), self.cfg)
                 computed += tokens_PL.size
                 for r, i in enumerate(idx):
-                    pending.discard(i)
                     if seqs[i].cancelled:
                         seqs[i].emit("done", "cancelled")
                     else:
                         self._insert(seqs[i], cache if len(idx) == 1 else _take_row(cache, np.int32(r)))
+                    pending.discard(i)  # only now: a sequence whose insert raised is in no row yet
         except Exception as e:  # the rows' sequences are failed by the caller; these are in no row yet
             for i in pending:
                 seqs[i].emit("error", f"the engine failed: {type(e).__name__}: {e}")
@@ -450,7 +456,11 @@ class Engine:
                 seq = self._next_waiting()
                 if seq is None:
                     return
-                self._start_prefill(seq)
+                try:
+                    self._start_prefill(seq)
+                except Exception as e:  # in no row and not prefilling: _fail_all would not see it
+                    seq.emit("error", f"the engine failed: {type(e).__name__}: {e}")
+                    raise
             seq, prompt_cache, starts = self._prefilling
             if seq.cancelled:
                 self._prefilling = None
@@ -462,8 +472,8 @@ class Engine:
             if budget is not None:
                 budget -= tokens_1C.shape[1]
             if not starts:
-                self._prefilling = None
                 self._insert(seq, prompt_cache)
+                self._prefilling = None  # only now: _fail_all fails it if the insert raises
 
     def _start_prefill(self, seq: Sequence) -> None:
         """A long prompt but its last token, left-padded to a bucket of L slots, in chunks."""
