@@ -138,7 +138,8 @@ def runs(tmp_path_factory, tiny_dataset) -> dict:
     training the same runs; checkpoints handed from one shape to another."""
     root = tmp_path_factory.mktemp("multihost")
     every_mesh = [[name, flags] for name, flags in MESHES.items()]
-    one = drive(1, 4, root / "1x4", tiny_dataset, every_mesh)
+    # One process's losses do not depend on its mesh (the three agree within 2e-7): one reference.
+    one = drive(1, 4, root / "1x4", tiny_dataset, [["data", MESHES["data"]]])
     stopped_at_4(root / "1x4" / "data", root / "2x2" / "from_one")  # 1 process -> 2
     two = drive(2, 2, root / "2x2", tiny_dataset, [*every_mesh, ["from_one", [*MESHES["fsdp"], "--resume"]]],
                 kind="slurm")
@@ -148,14 +149,14 @@ def runs(tmp_path_factory, tiny_dataset) -> dict:
 
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_two_processes_of_two_devices_equal_one_of_four(runs, mesh):
-    want = losses(runs["root"] / "1x4" / mesh)
+    want = losses(runs["root"] / "1x4" / "data")
     assert len(want) == 8 and want[-1] < want[0]
     np.testing.assert_allclose(losses(runs["root"] / "2x2" / mesh), want, rtol=1e-5)
 
 
 def test_four_processes_of_one_device_equal_one_of_four(runs):
     np.testing.assert_allclose(losses(runs["root"] / "4x1" / "fsdp_tensor"),
-                               losses(runs["root"] / "1x4" / "fsdp_tensor"), rtol=1e-5)
+                               losses(runs["root"] / "1x4" / "data"), rtol=1e-5)
 
 
 def test_one_progress_log_and_metrics_file(runs):
@@ -168,11 +169,11 @@ def test_each_process_reads_only_its_rows(runs):
     """Each of two processes reads half the batch rows; of four with a mesh fsdp=2 x tensor=2,
     also half (the two of a tensor pair hold the same rows). Each checks the hash of only the
     files it reads (both of this one-file-a-split dataset)."""
-    one = runs["read"]["1x4"][0]
+    one = runs["read"]["1x4"][0]["data"]
     for shape, run in (("2x2", "data"), ("2x2", "fsdp"), ("4x1", "fsdp_tensor")):
         for i, read in runs["read"][shape].items():
-            assert read[run]["tokens"] * 2 == one[run]["tokens"], (shape, run, i)
-            assert read[run]["checked"] == one[run]["checked"], (shape, run, i)
+            assert read[run]["tokens"] * 2 == one["tokens"], (shape, run, i)
+            assert read[run]["checked"] == one["checked"], (shape, run, i)
 
 
 def test_checkpoints_move_between_process_counts_and_meshes(runs, tmp_path, capsys):
@@ -207,9 +208,10 @@ def train_job(n: int, data_dir: Path, run: Path, *extra: str, port: int | None =
     return start(n, 2, argv, port=port, ids=ids)
 
 
-def wait_for(path: Path, procs, timeout: float = LAUNCH_TIMEOUT_S) -> None:
+def wait_for(path: Path, procs, holds=lambda text: True, timeout: float = LAUNCH_TIMEOUT_S) -> None:
+    """Until `path` exists (and its text `holds`), while every process runs."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not (path.exists() and (path.is_dir() or holds(path.read_text()))):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), f"{path} never appeared"
         time.sleep(0.2)
 
@@ -220,30 +222,28 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
-def test_sigterm_to_one_process_and_a_lost_process_then_resume_is_exact(runs, tiny_dataset, tmp_path):
+def test_a_lost_process_then_resume_is_exact_and_sigterm_to_one_stops_all(runs, tiny_dataset, tmp_path):
     run, every_2 = tmp_path / "run", ["--train.eval-interval", "2", "--train.keep", "4"]  # the same steps
-    # SIGTERM to process 1 alone, once training has begun: both stop at one step, save there, exit 0
+    # kill -9 of process 1 after the checkpoint of step 2: process 0 ends within 60 s, in one line
     procs = train_job(2, tiny_dataset, run, *every_2)
-    wait_for(run / "metrics.jsonl", procs)
-    procs[1].send_signal(signal.SIGTERM)
-    results = finish(procs)
-    assert [rc for rc, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
-    stopped = max(checkpoint.saved_steps(run))
-    assert f"stopped at step {stopped}" in results[0][1] and stopped < 6
-
-    # kill -9 of process 1 after the next checkpoint: process 0 ends within 60 s, in one line
-    procs = train_job(2, tiny_dataset, run, *every_2, "--resume")
-    wait_for(run / "checkpoints" / str(stopped + 2 - stopped % 2), procs)
+    wait_for(run / "checkpoints" / "2", procs)
     procs[1].kill()
     t = time.monotonic()
     (rc, _, err), _ = finish(procs, timeout=90)
     assert rc != 0 and time.monotonic() - t < 60
     line = one_line(err)
     assert "process 1 was lost" in line and "--resume" in line
+    resumed_at = max(checkpoint.saved_steps(run))
 
+    # --resume on both, then SIGTERM to process 1 alone: both stop at one step, save there, exit 0
     procs = train_job(2, tiny_dataset, run, *every_2, "--resume")
-    assert [rc for rc, _, _ in finish(procs)] == [0, 0]
-    assert losses(run) == losses(runs["root"] / "2x2" / "fsdp")  # bitwise
+    wait_for(run / "metrics.jsonl", procs, lambda text: f'"step": {resumed_at}, "loss"' in text)  # a step done
+    procs[1].send_signal(signal.SIGTERM)
+    results = finish(procs)
+    assert [rc for rc, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    stopped = max(checkpoint.saved_steps(run))
+    assert f"stopped at step {stopped}" in results[0][1] and resumed_at < stopped
+    assert losses(run) == losses(runs["root"] / "2x2" / "fsdp")[:stopped]  # bitwise, across the lost process
 
 
 def test_a_job_that_cannot_assemble_ends_in_one_line(tiny_dataset, tmp_path):
