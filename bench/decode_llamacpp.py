@@ -164,6 +164,13 @@ def main():
                     tok_s[B][name].append(B * N / best_of(f, args.reps))
             print(f"round {r + 1}/{args.rounds}: " + "; ".join(
                 f"batch {B} {name} {v[-1]:.1f} tok/s" for B in engines for name, v in tok_s[B].items()))
+        for t, llm in llms.items():  # llama.cpp's own clock: its decode calls, without Python's share
+            llama_cpp.llama_perf_context_reset(llm.ctx)
+            wall = best_of(lambda: run_llama(t), 1)
+            perf = llama_cpp.llama_perf_context(llm.ctx)
+            print(f"llama.cpp {t}, its own timings: prompt {perf.t_p_eval_ms:.1f} ms ({perf.n_p_eval} tokens), "
+                  f"decode {perf.t_eval_ms / perf.n_eval:.2f} ms/token ({perf.n_eval} tokens); "
+                  f"{1e3 * wall / N:.2f} ms/token through llama-cpp-python ({cpu})")
         del llms  # llama.cpp frees its model before the files go
 
     print(f"\n| batch | engine | tok/s (best of {args.reps}, each round) | vs jaxgpt | ms/step | CPU |")
