@@ -155,7 +155,7 @@ def main():
             theirs = run_llama(t, K)
             same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), K)
             print(f"greedy, first {K} tokens, llama.cpp {t} vs jaxgpt: "
-                  + ("identical" if same == K else f"differ from token {same}"))
+                  + ("identical" if same == K else f"differ from token {same}"), flush=True)
 
         tok_s = {B: {name: [] for name in engines[B]} for B in engines}
         for r in range(args.rounds):
@@ -163,7 +163,7 @@ def main():
                 for name, f in engines[B].items():
                     tok_s[B][name].append(B * N / best_of(f, args.reps))
             print(f"round {r + 1}/{args.rounds}: " + "; ".join(
-                f"batch {B} {name} {v[-1]:.1f} tok/s" for B in engines for name, v in tok_s[B].items()))
+                f"batch {B} {name} {v[-1]:.1f} tok/s" for B in engines for name, v in tok_s[B].items()), flush=True)
         for t, llm in llms.items():  # llama.cpp's own clock: its decode calls, without Python's share
             llama_cpp.llama_perf_context_reset(llm.ctx)
             wall = best_of(lambda: run_llama(t), 1)
