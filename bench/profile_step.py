@@ -45,18 +45,23 @@ def main():
             times.append(time.perf_counter() - t)
     print(f"median {1000 * np.median(times):.1f} ms/step over {args.steps} steps")
 
-    trace = max(pathlib.Path(args.out).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    print_kernels(args.out, args.steps)
+
+
+def print_kernels(out_dir: str, steps: int, top: int = 15) -> None:
+    """Sums the XLA kernels of the newest perfetto trace under `out_dir` by name, per step."""
+    trace = max(pathlib.Path(out_dir).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
     events = json.load(gzip.open(trace))
     events = events["traceEvents"] if isinstance(events, dict) else events
-    kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and not e["name"].startswith(("$", "Thunk", "Pjit", "Common"))]
+    kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and not e["name"].startswith(("$", "Thunk", "Pjit", "Common", "np."))]
     by_kind, by_name = collections.Counter(), collections.Counter()
     for e in kernels:
-        by_name[e["name"]] += e["dur"] / 1000 / args.steps
-        by_kind[e["name"].split(".")[0]] += e["dur"] / 1000 / args.steps
-    print(f"kernels sum to {sum(by_kind.values()):.1f} ms/step")
+        by_name[e["name"]] += e["dur"] / 1000 / steps
+        by_kind[e["name"].split(".")[0]] += e["dur"] / 1000 / steps
+    print(f"kernels sum to {sum(by_kind.values()):.2f} ms/step")
     for title, table in (("kind", by_kind), ("kernel", by_name)):
         print(f"{'ms/step':>8}  {title}")
-        for name, ms in table.most_common(15):
+        for name, ms in table.most_common(top):
             print(f"{ms:8.2f}  {name[:90]}")
 
 
