@@ -238,6 +238,7 @@ def test_a_lost_process_then_resume_is_exact_and_sigterm_to_one_stops_all(runs, 
     # --resume on both, then SIGTERM to process 1 alone: both stop at one step, save there, exit 0
     # (an evaluation and a save every step: the steps left last seconds, while the processes agree)
     procs = train_job(2, tiny_dataset, run, "--train.eval-interval", "1", "--train.keep", "4", "--resume")
+    wait_for(run / "run.json", procs, lambda text: json.loads(text)["resumes"])  # metrics.jsonl trimmed by now
     wait_for(run / "metrics.jsonl", procs, lambda text: f'"step": {resumed_at}, "loss"' in text)  # a step done
     procs[1].send_signal(signal.SIGTERM)
     results = finish(procs)
