@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import tyro
 
 from jaxgpt import config as config_lib
+from jaxgpt import distributed  # imports no jax: cheap for every command
 from jaxgpt.config import Config
 
 Positional = tyro.conf.Positional
@@ -233,6 +234,18 @@ def _parse(cls, argv: list[str], prog: str, default=None):
         raise config_lib.ConfigError(_one_line(err.getvalue(), prog)) from None
 
 
+def _parse_on_preset(cls, argv: list[str], prog: str, default_for, preset: str | None = None):
+    """`_parse` of a command whose first argument names a preset or config file, whose
+    values (`default_for(preset)`) the flags override; parsed again where tyro found
+    another preset than the first argument."""
+    preset = argv[0] if argv and not argv[0].startswith("-") else preset
+    while True:
+        args = _parse(cls, argv, prog, default=default_for(preset) if preset else None)
+        if args.preset == preset:
+            return args
+        preset = args.preset
+
+
 def _one_line(boxed: str, prog: str) -> str:
     """tyro's error panel as one line: its message (wrapped lines joined) and its suggestion."""
     paragraphs, current = [], []
@@ -283,12 +296,8 @@ def cmd_prepare(argv: list[str]) -> None:
 def cmd_train(argv: list[str]) -> None:
     from jaxgpt import hooks, train
 
-    preset = argv[0] if argv and not argv[0].startswith("-") else TrainArgs.preset
-    while True:  # the preset gives the defaults the flags override; parse again if tyro found another
-        args = _parse(TrainArgs, argv, "jaxgpt train", default=TrainArgs(preset, config=config_lib.load(preset)))
-        if args.preset == preset:
-            break
-        preset = args.preset
+    args = _parse_on_preset(TrainArgs, argv, "jaxgpt train", lambda p: TrainArgs(p, config=config_lib.load(p)),
+                            TrainArgs.preset)
     cfg = args.resolved()
     result = train.train(cfg, resume=args.resume, force=args.force, hooks=hooks.from_config(cfg))
     if result["status"] == "finished" and _process_index() == 0:  # process 0 speaks for the run
@@ -430,9 +439,9 @@ def cmd_info(argv: list[str]) -> None:
     target = Path(args.target)
     cfg = checkpoint.run_config(target) if (target / "config.toml").is_file() else config_lib.load(args.target)
     if (target / "run.json").is_file():  # a run: its mesh over as many devices as it had (faked on a CPU)
-        sharding.request_cpu_device_count(len(json.loads((target / "run.json").read_text())["devices"]))
-    else:
-        sharding.request_cpu_devices(cfg.mesh, cfg.data.batch_size, lambda s: None)  # the devices train would use
+        devices = len(json.loads((target / "run.json").read_text())["devices"])
+        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, cpu_devices=devices))
+    sharding.request_cpu_devices(cfg.mesh, cfg.data.batch_size, lambda s: None)  # the devices train would use
     info = step.describe(cfg)
     m = cfg.model
     print(f"model: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, context {m.block_size}, "
@@ -451,13 +460,8 @@ def cmd_plan(argv: list[str]) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiles for the target; this machine's devices are unused
     from jaxgpt import plan
 
-    preset = argv[0] if argv and not argv[0].startswith("-") else ""
-    while True:  # the preset gives the defaults the flags override; parse again if tyro found another
-        default = PlanArgs(preset, tyro.MISSING, config=config_lib.load(preset)) if preset else None
-        args = _parse(PlanArgs, argv, "jaxgpt plan", default=default)
-        if args.preset == preset:
-            break
-        preset = args.preset
+    args = _parse_on_preset(PlanArgs, argv, "jaxgpt plan",
+                            lambda p: PlanArgs(p, tyro.MISSING, config=config_lib.load(p)))
     cfg, p = args.config, plan.plan(args.config, args.topology)
     t, m, mesh = p["target"], cfg.model, p["mesh"]
     print(f"plan: {args.preset} on {t.name} ({t.chips} × {p['device_kind']}), mesh "
@@ -537,8 +541,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command '{name}'; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if name == "train":  # several processes: a supervisor and its worker (distributed.py)
-        from jaxgpt import distributed
-
         if distributed.is_worker():
             distributed.die_with_parent()
         elif distributed.requested():
@@ -547,9 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[name](rest)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return _exit(130)
+        if distributed.in_job():
+            distributed.exit_worker(130)
+        return 130
     except Exception as e:
-        if _in_job():
+        if distributed.in_job():
             _end_worker(e, debug)
         if debug or not _is_user_error(e):
             raise
@@ -558,22 +562,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _in_job() -> bool:
-    return "jaxgpt.distributed" in sys.modules and sys.modules["jaxgpt.distributed"].in_job()
-
-
-def _exit(code: int) -> int:
-    if _in_job():
-        sys.modules["jaxgpt.distributed"].exit_worker(code)
-    return code
-
-
 def _end_worker(e: Exception, debug: bool) -> None:
     """A worker of several processes ends at once on an error: one line (the traceback with
     --debug); an error of the runtime may mean a lost peer, which the supervisor names."""
     import traceback
-
-    from jaxgpt import distributed
 
     if debug:
         traceback.print_exc()

@@ -23,7 +23,6 @@ from jaxgpt.config import ConfigError
 
 # jax is imported in the functions that use it: the supervisor never does, so it starts at once.
 
-ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 WORKER = "JAXGPT_WORKER"  # set in the supervised worker's environment
 JOINED = "jaxgpt: joined"  # the worker's stderr line once every process has joined
 # A lost process is declared after this long without heartbeats; the survivors' lines follow.
@@ -227,9 +226,11 @@ def supervise(argv: list[str], debug: bool) -> int:
 
 def in_job() -> bool:
     """Whether this is a supervised worker that has joined a job of several processes."""
+    if not is_worker():
+        return False
     import jax
 
-    return is_worker() and jax.distributed.is_initialized()
+    return jax.distributed.is_initialized()
 
 
 def exit_worker(code: int, message: str | None = None, peer_failed: bool = False) -> None:

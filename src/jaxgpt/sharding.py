@@ -47,25 +47,16 @@ RULES = {
 def request_cpu_devices(mc: MeshConfig, batch_size: int, log) -> None:
     """Asks JAX for `mc.cpu_devices` CPU devices (see MeshConfig). It can only before JAX
     has started its backends: after that the devices stay as they are, with a note."""
-    if mc.cpu_devices == 1:
+    if mc.cpu_devices == 1 or "JAX_NUM_CPU_DEVICES" in os.environ \
+            or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
     cores = len(os.sched_getaffinity(0))
     n = mc.cpu_devices or max(d for d in range(1, cores + 1) if batch_size % d == 0)
-    if request_cpu_device_count(n) is False and jax.default_backend() == "cpu" and jax.device_count() != n:
-        log(f"mesh.cpu_devices: JAX has already started with {jax.device_count()} CPU devices; training on those")
-
-
-def request_cpu_device_count(n: int) -> bool | None:
-    """Asks JAX for `n` CPU devices: None where the environment sets the count
-    (JAX_NUM_CPU_DEVICES, or --xla_force_host_platform_device_count in XLA_FLAGS), False
-    where JAX has already started its backends."""
-    if "JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return None
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # the backends have started
-        return False
-    return True
+        if jax.default_backend() == "cpu" and jax.device_count() != n:
+            log(f"mesh.cpu_devices: JAX has already started with {jax.device_count()} CPU devices; training on those")
 
 
 def mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int]:
