@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +85,31 @@ def test_batch_rows_are_windows_of_one_shard(tmp_path, shakespeare_text):
         for x_row, y_row in zip(x, y):
             row = np.concatenate([x_row, y_row[-1:]])
             assert any((w == row).all(axis=1).any() for w in windows)
+
+
+def test_only_the_shards_a_process_reads_are_hashed(tmp_path, shakespeare_text):
+    """One row of a batch (a host's share) opens one shard: only that one is read for its
+    sha256, and a damaged shard no row touched stops nothing; a damaged one read is named."""
+    src = tmp_path / "in.txt"
+    src.write_text(shakespeare_text[:20_000])
+    prepare.prepare(sources.resolve_source(str(src)), tmp_path / "d", shard_size=700)
+    ds = data.open_dataset(tmp_path / "d")
+    assert ds.bytes_read == {"checked": 0, "tokens": 0}
+    x, _ = data.get_batch(ds, "train", 8, 32, seed=0, step=0, rows=slice(0, 1))
+    (name,) = ds.checked
+    assert ds.bytes_read == {"checked": Path(name).stat().st_size, "tokens": 33 * 2}
+    row = np.asarray(np.memmap(name, np.uint16, mode="r"), np.int32)
+    assert (np.lib.stride_tricks.sliding_window_view(row, 32) == x[0]).all(axis=1).any()
+
+    untouched = next(a.filename for a in ds.splits["train"] if a.filename != name)
+    raw = bytearray(Path(untouched).read_bytes())
+    raw[0] ^= 1
+    Path(untouched).write_bytes(bytes(raw))
+    ds = data.open_dataset(tmp_path / "d")
+    data.get_batch(ds, "train", 8, 32, seed=0, step=0, rows=slice(0, 1))
+    with pytest.raises(data.DataError, match=f"{Path(untouched).name} does not match its sha256"):
+        for step in range(200):
+            data.get_batch(ds, "train", 8, 32, seed=0, step=step)
 
 
 def test_eval_batches_cover_every_token_once(tiny_dataset):

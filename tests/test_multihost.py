@@ -18,6 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -190,15 +191,37 @@ def test_checkpoints_move_between_process_counts_and_meshes(runs, tmp_path, caps
 
 
 def test_a_run_of_several_devices_is_used_on_one(runs, tmp_path, capsys):
-    run = runs["root"] / "2x2" / "fsdp_tensor"
-    assert cli.main(["eval", "--out-dir", str(run), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["loss"] > 0
-    assert cli.main(["sample", "--out-dir", str(run), "--num-samples", "1", "--max-new-tokens", "5"]) == 0
+    """eval and greedy sample of a run trained by 2 processes under fsdp x tensor give what
+    the same run trained by one process gives; convert writes its params; info shows them
+    sharded over the run's 4 devices."""
+    import jaxgpt
+
+    run, one = runs["root"] / "2x2" / "fsdp_tensor", runs["root"] / "1x4" / "data"
+    out = {}
+    for r in (run, one):
+        assert cli.main(["eval", "--out-dir", str(r), "--json"]) == 0
+        out[r, "eval"] = json.loads(capsys.readouterr().out)["loss"]
+        assert cli.main(["sample", "--out-dir", str(r), "--num-samples", "1", "--max-new-tokens", "8",
+                         "--temperature", "0"]) == 0
+        out[r, "sample"] = capsys.readouterr().out
+    np.testing.assert_allclose(out[run, "eval"], out[one, "eval"], rtol=1e-5)
+    assert out[run, "sample"] == out[one, "sample"]
+
     assert cli.main(["convert", str(run), str(tmp_path / "hf")]) == 0
+    cfg, params, _ = checkpoint.load_params(run)
+    hf_cfg, hf_params = jaxgpt.load_hf(tmp_path / "hf")
+    tokens = np.arange(16, dtype=np.int32)[None] % cfg.model.vocab_size
+    np.testing.assert_allclose(jaxgpt.forward(hf_params, tokens, hf_cfg), jaxgpt.forward(params, tokens, cfg.model),
+                               rtol=1e-5, atol=1e-5)
+
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # info fakes the run's 4 devices
     info = subprocess.run([sys.executable, "-m", "jaxgpt.cli", "info", str(run)], env=env, capture_output=True,
                           text=True, timeout=120)
-    assert info.returncode == 0 and "memory per device" in info.stdout, info.stderr[-2000:]
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert "(4 CPU devices, mesh data 1 × fsdp 2 × tensor 2" in info.stdout, info.stdout
+    per_device = float(next(line for line in info.stdout.splitlines() if line.split()[:1] == ["params"]).split()[1])
+    whole = sum(a.size * 4 for a in jax.tree.leaves(params)) / 2**20
+    assert per_device < whole / 2  # most matrices split four ways; norms and biases whole
 
 
 # ---- faults, through `jaxgpt train` as a user starts it (a supervisor and its worker) ----
@@ -243,6 +266,7 @@ def test_a_lost_process_then_resume_is_exact_and_sigterm_to_one_stops_all(runs, 
     procs[1].send_signal(signal.SIGTERM)
     results = finish(procs)
     assert [rc for rc, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    assert "iter " in results[0][1] and results[1][1].strip() == ""  # process 0 alone prints progress
     stopped = max(checkpoint.saved_steps(run))
     assert f"stopped at step {stopped}" in results[0][1] and resumed_at < stopped
     assert losses(run) == losses(runs["root"] / "2x2" / "fsdp")[:stopped]  # bitwise, across the lost process
@@ -259,7 +283,7 @@ def test_a_job_that_cannot_assemble_ends_in_one_line(tiny_dataset, tmp_path):
             "port in use": train_job(2, tiny_dataset, tmp_path / "c", *short, port=busy.getsockname()[1], ids=[0])}
     results = {what: finish(procs, timeout=90) for what, procs in jobs.items()}
     busy.close()
-    assert time.monotonic() - t < 60 + 30
+    assert time.monotonic() - t < 60
     for what, res in results.items():
         for rc, _, err in res:
             assert rc != 0, what
