@@ -77,7 +77,7 @@ def main():
                         train=dataclasses.replace(config.TrainConfig(), compute_dtype=args.compute_dtype,
                                                   remat=args.remat))
     cfg = config.from_dict(config.to_dict(cfg))  # validates the choices
-    dtype = step.compute_dtype(cfg.train.compute_dtype)
+    dtype = step.compute_dtype(cfg.train.compute_dtype, sharding.make_mesh(cfg.mesh))
     tokens = args.batch * args.seq
     flops_per_step = model.flops_per_token(mcfg) * tokens
     peak = flops.peak_flops(jax.devices(), dtype)

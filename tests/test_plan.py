@@ -113,6 +113,20 @@ def test_tiny_model_on_v5e_2x2(tiny):
 
 
 @needs_libtpu
+def test_auto_compute_dtype_follows_the_target_devices():
+    """train's rule (auto: bfloat16 on accelerators) holds for the compile-only TPU devices
+    plan compiles for, not this CPU's."""
+    import jax.numpy as jnp
+
+    from jaxgpt import sharding, step
+
+    tpu = sharding.make_mesh(config.MeshConfig(), plan.devices(plan.parse_target("v5e:2x2")))
+    assert step.compute_dtype("auto", tpu) == jnp.bfloat16
+    assert step.compute_dtype("auto", sharding.make_mesh(config.MeshConfig())) == jnp.float32
+    assert step.compute_dtype("float32", tpu) == jnp.float32
+
+
+@needs_libtpu
 def test_too_big_is_a_verdict(capsys, tiny):
     """A step that needs more HBM than a chip has is an answer (exit 0), not a traceback."""
     code, out, err = run_cli(capsys, tiny, "--topology", "v5e-4", "--data.batch-size", "65536",

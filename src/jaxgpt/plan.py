@@ -17,10 +17,10 @@ import re
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 
 from jaxgpt import flops, model, optim, sharding, step
-from jaxgpt.config import Config, MeshConfig
+from jaxgpt.config import Config
 from jaxgpt.errors import UserError
 
 
@@ -130,19 +130,6 @@ def devices(target: Target) -> list:
             raise PlanError(f"--topology {target.name} needs JAX's CUDA plugin (no GPU or CUDA needed): "
                             f"pip install 'jax[cuda12-local]=={jax.__version__}'") from None
     return list(topology.devices)
-
-
-def make_mesh(mc: MeshConfig, devices: list) -> Mesh:
-    """`sharding.make_mesh` over `devices` (compile-only ones) instead of this process's."""
-    return jax.make_mesh(sharding.mesh_shape(mc, len(devices)), sharding.AXES, axis_types=(AxisType.Auto,) * 3,
-                         devices=devices)
-
-
-def on_accelerator(cfg: Config) -> Config:
-    """`cfg` as train resolves it on a GPU or TPU: compute_dtype auto is bfloat16 there."""
-    if cfg.train.compute_dtype != "auto":
-        return cfg
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compute_dtype="bfloat16"))
 
 
 def block_length(cfg: Config) -> int:
@@ -300,13 +287,12 @@ def _no_persistent_cache():
         compilation_cache.reset_cache()
 
 
-def _setting(cfg: Config, topology: str) -> tuple[Target, list, Config, Mesh]:
-    """The target, its devices, `cfg` as train resolves it there, and its mesh over them."""
+def _setting(cfg: Config, topology: str) -> tuple[Target, list, Mesh]:
+    """The target, its devices and `cfg`'s mesh over them."""
     target = parse_target(topology)
     sharding.mesh_shape(cfg.mesh, target.chips)  # a mesh that does not fit the chips says so before libtpu loads
     devs = devices(target)
-    cfg = on_accelerator(cfg)
-    return target, devs, cfg, make_mesh(cfg.mesh, devs)
+    return target, devs, sharding.make_mesh(cfg.mesh, devs)
 
 
 @_no_persistent_cache()
@@ -314,7 +300,7 @@ def plan(cfg: Config, topology: str) -> dict:
     """Compiles train's step for `topology` and returns what XLA says about it: per-device
     memory (or its out-of-memory error), the chip, FLOPs and bytes per step, a roofline step
     time and the collectives. `cfg` as given to train (compute_dtype auto means bfloat16)."""
-    target, devs, cfg, mesh = _setting(cfg, topology)
+    target, devs, mesh = _setting(cfg, topology)
     kind = devs[0].device_kind
     chip = flops.chip(kind)
     tokens = cfg.train.grad_accum * cfg.data.batch_size * cfg.model.block_size
@@ -329,7 +315,7 @@ def plan(cfg: Config, topology: str) -> dict:
     out["memory"] = _memory(compiled, params, opt_state)
     out["collectives"] = collectives(compiled.as_text(), cfg.train.grad_accum, block_length(cfg))
     out["cost"] = step_cost(cfg, mesh, compiled)
-    out["roofline"] = roofline(out, step.compute_dtype(cfg.train.compute_dtype))
+    out["roofline"] = roofline(out, step.compute_dtype(cfg.train.compute_dtype, mesh))
     return out
 
 
@@ -373,7 +359,7 @@ def max_batch(cfg: Config, topology: str, limit: int = 1 << 14) -> int:
     the target's memory; 0 when one row a device does not. Memory grows about linearly with
     the rows, so two compiles (1 and 2 rows a device) give a guess, and compiles around it
     confirm it (bisection where XLA's compiler, which rematerialises near the limit, departs)."""
-    _, devs, cfg, mesh = _setting(cfg, topology)
+    _, devs, mesh = _setting(cfg, topology)
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     hbm = (flops.chip(devs[0].device_kind) or flops.Chip("", 2**62, 0, 0, 0)).hbm
     totals = {}

@@ -77,9 +77,11 @@ def mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     return sizes
 
 
-def make_mesh(mc: MeshConfig) -> Mesh:
-    # Auto axes: shardings are handed to jit and XLA propagates them through the model.
-    return jax.make_mesh(mesh_shape(mc, jax.device_count()), AXES, axis_types=(AxisType.Auto,) * 3)
+def make_mesh(mc: MeshConfig, devices: list | None = None) -> Mesh:
+    """The mesh of `mc` over `devices` (default: every device of the job; `jaxgpt plan` passes
+    compile-only ones). Auto axes: shardings are handed to jit and XLA propagates them."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh(mesh_shape(mc, len(devices)), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def _path_key(path) -> str:

@@ -22,10 +22,11 @@ from jaxgpt.config import Config, MeshConfig
 EVAL_STREAM = 1 << 40  # eval batches draw from steps far past any training step
 
 
-def compute_dtype(name: str):
-    """The matmul dtype of config.train.compute_dtype; auto is bfloat16 on accelerators."""
+def compute_dtype(name: str, mesh: Mesh):
+    """The matmul dtype of config.train.compute_dtype on `mesh`'s devices (this machine's, or
+    the compile-only ones `jaxgpt plan` targets); auto is bfloat16 on accelerators."""
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.float32 if mesh.devices.flat[0].platform == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
 
 
@@ -47,9 +48,9 @@ def default_shardings(cfg: Config) -> dict:
 StepStats = Callable[[dict, dict, dict], dict]  # (params, grads, updates) -> scalars, traced in the step
 
 
-def _step(cfg: Config, opt: optax.GradientTransformation, step_stats: Sequence[StepStats]):
+def _step(cfg: Config, opt: optax.GradientTransformation, step_stats: Sequence[StepStats], mesh: Mesh):
     """The training step, not jitted: see `make_train_step`."""
-    mcfg, dtype, remat = cfg.model, compute_dtype(cfg.train.compute_dtype), cfg.train.remat == "block"
+    mcfg, dtype, remat = cfg.model, compute_dtype(cfg.train.compute_dtype, mesh), cfg.train.remat == "block"
     base_key = jax.random.key(cfg.train.seed)
 
     def micro_loss(params, x_BT, y_BT, key):
@@ -90,7 +91,7 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation, sh: dict | N
     of cfg.mesh over all devices); the matmuls run in cfg.train.compute_dtype on a cast of
     the float32 params."""
     sh = sh or default_shardings(cfg)
-    return jax.jit(_step(cfg, opt, step_stats),
+    return jax.jit(_step(cfg, opt, step_stats, sh["scalar"].mesh),
                    in_shardings=(sh["params"], sh["opt_state"], sh["batch"], sh["batch"], sh["scalar"]),
                    out_shardings=(sh["params"], sh["opt_state"], sh["scalar"], sh["scalar"]), donate_argnums=(0, 1))
 
@@ -102,7 +103,8 @@ def make_train_steps(cfg: Config, opt: optax.GradientTransformation, sh: dict | 
     step over a block of K batches, each step's loss and stats stacked. The same iterations
     as K single calls; XLA:CPU runs a block of 10 a quarter faster a step than 10 calls
     (bench/RESULTS.md). A block length compiles once."""
-    step = _step(cfg, opt, step_stats)
+    sh = sh or default_shardings(cfg)
+    step = _step(cfg, opt, step_stats, sh["scalar"].mesh)
 
     def steps(params, opt_state, x_KABT, y_KABT, it):
         def body(carry, xs):
@@ -115,7 +117,6 @@ def make_train_steps(cfg: Config, opt: optax.GradientTransformation, sh: dict | 
         (params, opt_state), (loss_K, stats_K) = jax.lax.scan(body, (params, opt_state), (x_KABT, y_KABT, its_K))
         return params, opt_state, loss_K, stats_K
 
-    sh = sh or default_shardings(cfg)
     return jax.jit(steps, in_shardings=(sh["params"], sh["opt_state"], sh["batches"], sh["batches"], sh["scalar"]),
                    out_shardings=(sh["params"], sh["opt_state"], sh["scalar"], sh["scalar"]), donate_argnums=(0, 1))
 
@@ -125,9 +126,8 @@ def make_eval_step(cfg: Config, sh: dict | None = None):
 
     Takes whole numpy batches (each process sends only its rows to its devices) or batches
     `place_eval_batch` already put there."""
-    dtype = compute_dtype(cfg.train.compute_dtype)
     sh = sh or default_shardings(cfg)
-    batch_sh = sh["eval_batch"]
+    dtype, batch_sh = compute_dtype(cfg.train.compute_dtype, sh["scalar"].mesh), sh["eval_batch"]
 
     def step(params, x_BT, y_BT, mask_BT):
         n = mask_BT.sum()

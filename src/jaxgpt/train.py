@@ -207,7 +207,7 @@ def _step_line(rec: dict) -> str:
 
 
 def _peak_flops(cfg: Config, mesh: Mesh) -> float:
-    return cfg.train.peak_flops or flops.peak_flops(list(mesh.devices.flat), step.compute_dtype(cfg.train.compute_dtype))
+    return cfg.train.peak_flops or flops.peak_flops(list(mesh.devices.flat), step.compute_dtype(cfg.train.compute_dtype, mesh))
 
 
 def train(cfg: Config, resume: bool = False, force: bool = False, log: Callable[[str], None] = print,
