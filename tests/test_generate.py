@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import model
+from jaxgpt import decode, model
 from jaxgpt.config import GPTConfig
-from jaxgpt.generate import filter_logits, generate, generate_stream, stream_text
+from jaxgpt.decode import filter_logits
+from jaxgpt.generate import generate, generate_stream, stream_text
 
 CHAR = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=65, dropout=0.0, bias=False)
 GPT2 = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=50257, dropout=0.0, bias=True)
@@ -192,11 +193,11 @@ def test_forward_cached_equals_forward(transposed):
     positions_BT = jnp.broadcast_to(jnp.arange(12), (2, 12))
     expected = jax.jit(model.forward, static_argnums=2)(params, tokens_BT, cfg)
     if transposed:
-        params = model.transpose_kernels(params)
-    forward_cached = jax.jit(model.forward_cached, static_argnums=4)
-    cache = model.init_cache(cfg, 2, 16)
-    first, cache = forward_cached(params, tokens_BT[:, :7], positions_BT[:, :7], cache, cfg)
-    rest, cache = forward_cached(params, tokens_BT[:, 7:], positions_BT[:, 7:], cache, cfg)
+        params = decode.transpose_kernels(params)
+    forward_cached = jax.jit(decode.forward, static_argnums=5)
+    cache = decode.init_cache(cfg, 2, 16)
+    first, cache = forward_cached(params, tokens_BT[:, :7], positions_BT[:, :7], cache, 0, cfg)
+    rest, cache = forward_cached(params, tokens_BT[:, 7:], positions_BT[:, 7:], cache, 7, cfg)
     np.testing.assert_allclose(np.concatenate([first, rest], axis=1), expected, atol=2e-5, rtol=1e-5)
 
 
@@ -227,9 +228,9 @@ def test_bfloat16_params_keep_a_bfloat16_cache():
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params(cfg))
     tokens_BT = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
     positions_BT = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    cache = model.init_cache(cfg, 2, 16, params["wte"].dtype)
-    logits, cache = jax.jit(model.forward_cached, static_argnums=4)(params, tokens_BT, positions_BT, cache, cfg)
-    assert all(a.dtype == jnp.bfloat16 for a in cache["k_BGSK"] + cache["v_BGSK"]) and logits.dtype == jnp.float32
+    cache = decode.init_cache(cfg, 2, 16, params["wte"].dtype)
+    logits, cache = jax.jit(decode.forward, static_argnums=5)(params, tokens_BT, positions_BT, cache, 0, cfg)
+    assert all(a.dtype == jnp.bfloat16 for a in cache["k_BSGK"] + cache["v_BSGK"]) and logits.dtype == jnp.float32
     expected = jax.jit(model.forward, static_argnums=2)(params, tokens_BT, cfg)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=0.15, rtol=0.05)
 

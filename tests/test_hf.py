@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import jaxgpt
-from jaxgpt import config, hf, model
+from jaxgpt import config, decode, hf, model
 from jaxgpt.config import GPTConfig
 from jaxgpt.generate import generate
 from jaxgpt.hf import HFError
@@ -154,9 +154,9 @@ def test_config_variants_generate_with_cache_as_full_forward(variant):
     _, (cfg, params) = variant
     tokens_BT = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 12))
     positions_BT = np.broadcast_to(np.arange(12), (2, 12))
-    cache = model.init_cache(cfg, 2, 16)
-    first_BTV, cache = model.forward_cached(params, tokens_BT[:, :7], positions_BT[:, :7], cache, cfg)
-    rest_BTV, _ = model.forward_cached(params, tokens_BT[:, 7:], positions_BT[:, 7:], cache, cfg)
+    cache = decode.init_cache(cfg, 2, 16)
+    first_BTV, cache = decode.forward(params, tokens_BT[:, :7], positions_BT[:, :7], cache, 0, cfg)
+    rest_BTV, _ = decode.forward(params, tokens_BT[:, 7:], positions_BT[:, 7:], cache, 7, cfg)
     want_BTV = forward(params, jnp.asarray(tokens_BT), cfg)
     np.testing.assert_allclose(np.concatenate([first_BTV, rest_BTV], axis=1), want_BTV, atol=1e-5, rtol=1e-5)
     prompts = [[1, 2, 3], list(range(10, 23))]  # the second passes block_size: the sliding window runs too

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import model
+from jaxgpt import decode, model
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.generate import generate
 
@@ -161,12 +161,13 @@ def test_rope_cache_slides_past_block_size():
     prompt, n_new = [3, 1, 4, 1, 5], 3 * cfg.block_size
     got = generate(params, cfg, [prompt], max_new_tokens=n_new, temperature=0)[0]
     seq = list(prompt)
-    forward_cached = jax.jit(model.forward_cached, static_argnums=4)
-    cache = model.init_cache(cfg, 1, len(prompt) + n_new)
-    logits, cache = forward_cached(params, jnp.asarray([seq]), jnp.arange(len(seq))[None], cache, cfg)
+    forward_cached = jax.jit(decode.forward, static_argnums=5)
+    cache = decode.init_cache(cfg, 1, len(prompt) + n_new)
+    logits, cache = forward_cached(params, jnp.asarray([seq]), jnp.arange(len(seq))[None], cache, 0, cfg)
     for _ in range(n_new):
         seq.append(int(jnp.argmax(logits[0, -1])))
-        logits, cache = forward_cached(params, jnp.asarray([seq[-1:]]), jnp.asarray([[len(seq) - 1]]), cache, cfg)
+        logits, cache = forward_cached(params, jnp.asarray([seq[-1:]]), jnp.asarray([[len(seq) - 1]]), cache,
+                                       len(seq) - 1, cfg)
     assert got == seq[len(prompt):]
     # Within block_size the window is the whole sequence: the first tokens equal full recompute.
     n_within = cfg.block_size - len(prompt)

@@ -21,7 +21,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from jaxgpt import hf, load, model  # noqa: E402
+from jaxgpt import decode, hf, load, model  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.generate import generate  # noqa: E402
 from jaxgpt.serve import api  # noqa: E402
@@ -332,8 +332,8 @@ def test_disconnect_frees_the_slot(server):
     assert engine.active == 0
 
 
-@pytest.mark.parametrize("length, module, name", [(5, engine_mod, "_insert"), (300, engine_mod, "_insert"),
-                                                   (300, model, "init_cache")], ids=["short", "long", "long-start"])
+@pytest.mark.parametrize("length, module, name", [(5, decode, "insert"), (300, decode, "insert"),
+                                                   (300, decode, "init_cache")], ids=["short", "long", "long-start"])
 def test_a_failed_insert_fails_its_sequence(server, monkeypatch, length, module, name):
     """A sequence taken from the queue whose insertion into the batch cache (or the start of
     its chunked prefill) raises ends with an error event (its client is told), not silence;
@@ -458,7 +458,7 @@ def test_a_startup_failure_ends_serve_with_one_line(model_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nmany more lines")
 
-    monkeypatch.setattr(engine_mod, "_prefill", fail)
+    monkeypatch.setattr(decode, "prefill", fail)
     raised = []
 
     def run():

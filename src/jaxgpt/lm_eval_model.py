@@ -31,7 +31,8 @@ from jaxgpt import load, model
 from jaxgpt import tokenizer as tokenizer_lib
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
-from jaxgpt.generate import pow2_bucket, generate
+from jaxgpt.decode import pow2_bucket
+from jaxgpt.generate import generate
 
 
 class EvalError(UserError):

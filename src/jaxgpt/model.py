@@ -95,7 +95,7 @@ def flops_per_token(cfg: GPTConfig) -> float:
 
 
 def _dense(p: dict, x_ND: jax.Array) -> jax.Array:
-    if "kernel_T" in p:  # see `transpose_kernels`
+    if "kernel_T" in p:  # see `jaxgpt.decode.transpose_kernels`
         y = jax.lax.optimization_barrier(p["kernel_T"] @ x_ND.T).T
     else:
         y = x_ND @ p["kernel"]
@@ -119,7 +119,7 @@ def _rms_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def _norm(p: dict, x_ND: jax.Array, cfg: GPTConfig) -> jax.Array:
+def norm(p: dict, x_ND: jax.Array, cfg: GPTConfig) -> jax.Array:
     return (_rms_norm if cfg.norm == "rmsnorm" else _layer_norm)(p, x_ND, cfg.layer_norm_eps)
 
 
@@ -130,7 +130,7 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-def _score_divisor(cfg: GPTConfig, layer: int) -> float:
+def score_divisor(cfg: GPTConfig, layer: int) -> float:
     """What layer `layer`'s attention scores are divided by, as in transformers' GPT-2."""
     divisor = math.sqrt(head_dims(cfg)[2]) if cfg.scale_attn_weights else 1.0
     return divisor * (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else divisor
@@ -159,15 +159,18 @@ def attention_implementation(q_BTHK) -> str | None:
     return "cudnn" if _cudnn_attention_compiles(tuple(q_BTHK.shape), q_BTHK.dtype) else None
 
 
-def _attention(q_BTHK, k_BTGK, v_BTGK, divisor: float, rate: float, key: jax.Array | None) -> jax.Array:
-    """Causal softmax attention of scores q·k / `divisor`, computed in float32 whatever the
-    inputs' dtype; each of the G key/value heads serves H / G query heads. Without dropout
-    it is `jax.nn.dot_product_attention`, cuDNN's where it applies."""
+def attention(q_BTHK, k_BSGK, v_BSGK, divisor: float, rate: float = 0.0, key: jax.Array | None = None,
+              mask_B1TS: jax.Array | None = None) -> jax.Array:
+    """Softmax attention of scores q·k / `divisor`, computed in float32 whatever the inputs'
+    dtype; each of the G key/value heads serves H / G query heads. Causal over T = S, or
+    where `mask_B1TS` allows (the KV cache's decoding, see `jaxgpt.decode`). Without
+    dropout it is `jax.nn.dot_product_attention`, cuDNN's where it applies."""
     if key is None or rate == 0.0:
-        return jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, scale=1 / divisor, is_causal=True,
-                                            implementation=attention_implementation(q_BTHK))
-    T, H, G = q_BTHK.shape[1], q_BTHK.shape[2], k_BTGK.shape[2]
-    k_BTHK, v_BTHK = (jnp.repeat(a, H // G, axis=2) for a in (k_BTGK, v_BTGK))
+        implementation = attention_implementation(q_BTHK) if mask_B1TS is None else None
+        return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=1 / divisor, mask=mask_B1TS,
+                                            is_causal=mask_B1TS is None, implementation=implementation)
+    T, H, G = q_BTHK.shape[1], q_BTHK.shape[2], k_BSGK.shape[2]
+    k_BTHK, v_BTHK = (jnp.repeat(a, H // G, axis=2) for a in (k_BSGK, v_BSGK))
     s_BHTT = jnp.einsum("bqhk,bshk->bhqs", q_BTHK, k_BTHK, preferred_element_type=jnp.float32) / divisor
     causal_TT = jnp.tril(jnp.ones((T, T), bool))
     s_BHTT = jnp.where(causal_TT, s_BHTT, jnp.finfo(s_BHTT.dtype).min)
@@ -186,11 +189,11 @@ def _rope(x_BTHK: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTHK.dtype)
 
 
-def _qkv(p: dict, x_ND: jax.Array, positions_BT: jax.Array, cfg: GPTConfig) -> tuple[jax.Array, ...]:
+def qkv(p: dict, x_ND: jax.Array, positions_BT: jax.Array, cfg: GPTConfig) -> tuple[jax.Array, ...]:
     """The block's queries [B, T, H, K], keys and values [B, T, G, K]; under rope, queries
     and keys rotated by `positions_BT`."""
     (B, T), (H, G, K) = positions_BT.shape, head_dims(cfg)
-    qkv_N = _dense(p["attn"]["c_attn"], _norm(p["ln_1"], x_ND, cfg))
+    qkv_N = _dense(p["attn"]["c_attn"], norm(p["ln_1"], x_ND, cfg))
     q_NHK, k_NGK, v_NGK = jnp.split(qkv_N, [H * K, (H + G) * K], axis=-1)
     q_BTHK, k_BTGK, v_BTGK = q_NHK.reshape(B, T, H, K), k_NGK.reshape(B, T, G, K), v_NGK.reshape(B, T, G, K)
     if cfg.qk_norm:
@@ -209,7 +212,7 @@ _ACTIVATIONS = {
 
 
 def _mlp_residual(p: dict, x_ND: jax.Array, cfg: GPTConfig, key: jax.Array | None) -> jax.Array:
-    u_ND, mlp = _norm(p["ln_2"], x_ND, cfg), p["mlp"]
+    u_ND, mlp = norm(p["ln_2"], x_ND, cfg), p["mlp"]
     if cfg.mlp == "swiglu":
         h_NF = jax.nn.silu(_dense(mlp["c_gate"], u_ND)) * _dense(mlp["c_fc"], u_ND)
     elif cfg.mlp == "relu2":
@@ -219,12 +222,18 @@ def _mlp_residual(p: dict, x_ND: jax.Array, cfg: GPTConfig, key: jax.Array | Non
     return x_ND + _dropout(_dense(mlp["c_proj"], h_NF), cfg.dropout, key)
 
 
+def block_output(p: dict, x_ND: jax.Array, y_BTHK: jax.Array, cfg: GPTConfig, keys=(None, None)) -> jax.Array:
+    """The block after attention: its output projection and residual, then the MLP's
+    residual (`keys` turn on their dropout)."""
+    x_ND = x_ND + _dropout(_dense(p["attn"]["c_proj"], y_BTHK.reshape(x_ND.shape[0], -1)), cfg.dropout, keys[0])
+    return _mlp_residual(p, x_ND, cfg, keys[1])
+
+
 def _block(p: dict, x_ND: jax.Array, positions_BT, cfg: GPTConfig, layer: int, key: jax.Array | None) -> jax.Array:
-    k_attn, k_resid1, k_resid2 = jax.random.split(key, 3) if key is not None else (None,) * 3
-    q_BTHK, k_BTGK, v_BTGK = _qkv(p, x_ND, positions_BT, cfg)
-    y_BTHK = _attention(q_BTHK, k_BTGK, v_BTGK, _score_divisor(cfg, layer), cfg.dropout, k_attn)
-    x_ND = x_ND + _dropout(_dense(p["attn"]["c_proj"], y_BTHK.reshape(x_ND.shape[0], -1)), cfg.dropout, k_resid1)
-    return _mlp_residual(p, x_ND, cfg, k_resid2)
+    k_attn, *k_resid = jax.random.split(key, 3) if key is not None else (None,) * 3
+    q_BTHK, k_BTGK, v_BTGK = qkv(p, x_ND, positions_BT, cfg)
+    y_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, score_divisor(cfg, layer), cfg.dropout, k_attn)
+    return block_output(p, x_ND, y_BTHK, cfg, k_resid)
 
 
 # Under remat, a block keeps the outputs of its weight matmuls and recomputes the cheap
@@ -249,7 +258,7 @@ def hidden(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array 
     block = _block_remat if remat else _block
     for layer, (p_block, k) in enumerate(zip(params["h"], keys[1:])):
         x_ND = block(p_block, x_ND, positions_BT, cfg, layer, k)
-    return _norm(params["ln_f"], x_ND, cfg)
+    return norm(params["ln_f"], x_ND, cfg)
 
 
 def forward(params: Params, tokens_BT: jax.Array, cfg: GPTConfig, key: jax.Array | None = None) -> jax.Array:
@@ -284,105 +293,3 @@ def loss_fn(params: Params, tokens_BT, targets_BT, cfg: GPTConfig, key=None, mas
         return nll_N.mean()
     mask_N = mask_BT.reshape(-1).astype(nll_N.dtype)
     return (nll_N * mask_N).sum() / jnp.maximum(mask_N.sum(), 1.0)
-
-
-def transpose_kernels(params: Params) -> Params:
-    """The params with every block's kernel stored [out, in] (as `kernel_T`), for decoding
-    a few rows at a time: XLA:CPU multiplies 2-16 rows by a large weight ~1.3x faster with
-    the weight as the left operand (measured on GPT-2 124M at 8 rows). The barrier in
-    `_dense` keeps XLA from folding the transposes back into the original dot."""
-
-    def dense_T(p):
-        if "kernel" not in p:  # a norm
-            return p
-        return {"kernel_T": p["kernel"].T} | {k: v for k, v in p.items() if k != "kernel"}
-
-    blocks = [
-        b | {part: {name: dense_T(p) for name, p in b[part].items()} for part in ("attn", "mlp")}
-        for b in params["h"]
-    ]
-    return params | {"h": blocks}
-
-
-def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache of `length` slots per row, its keys and values in `dtype` (the
-    compute dtype: the params'). A slot's position is -1 until written.
-
-    Each layer has its own keys and values, stored [batch, key/value head, slot, head width]
-    so that attention reads each head's slots contiguously and no step copies a layer out
-    of a stacked cache. `index` counts the slots written; writes wrap around (see
-    `hidden_cached`)."""
-    _, G, K = head_dims(cfg)
-    shape = (batch, G, length, K)
-    return {
-        "k_BGSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
-        "v_BGSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
-        "pos_BS": jnp.full((batch, length), -1, jnp.int32),
-        "index": jnp.zeros((), jnp.int32),
-    }
-
-
-def grow_cache(cache: dict, length: int) -> dict:
-    """The cache with empty slots appended up to `length` slots per row (before any write wrapped)."""
-    pad = length - cache["pos_BS"].shape[1]
-    slots_BGSK = ((0, 0), (0, 0), (0, pad), (0, 0))
-    return cache | {
-        "k_BGSK": [jnp.pad(a, slots_BGSK) for a in cache["k_BGSK"]],
-        "v_BGSK": [jnp.pad(a, slots_BGSK) for a in cache["v_BGSK"]],
-        "pos_BS": jnp.pad(cache["pos_BS"], ((0, 0), (0, pad)), constant_values=-1),
-    }
-
-
-def _block_cached(p: dict, x_ND, positions_BT, kv: tuple, at, mask_B1TS, cfg: GPTConfig, layer: int):
-    """Block `layer`, whose attention reads its cache `kv` after writing this call's keys
-    and values at slot `at`, seeing the slots `mask_B1TS` allows; returns (x_ND, kv)."""
-    N, _ = x_ND.shape
-    (B, T), (H, G, K) = positions_BT.shape, head_dims(cfg)
-    q_BTHK, k_BTGK, v_BTGK = _qkv(p, x_ND, positions_BT, cfg)
-    k_BGSK = jax.lax.dynamic_update_slice(kv[0], k_BTGK.transpose(0, 2, 1, 3), (0, 0, at, 0))
-    v_BGSK = jax.lax.dynamic_update_slice(kv[1], v_BTGK.transpose(0, 2, 1, 3), (0, 0, at, 0))
-    q_BGRTK = q_BTHK.reshape(B, T, G, H // G, K).transpose(0, 2, 3, 1, 4)  # R: query heads per key/value head
-    # As jax.nn.dot_product_attention computes the training forward's: scores and softmax in float32.
-    s_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK, preferred_element_type=jnp.float32)
-    s_BGRTS = s_BGRTS * jnp.float32(1 / _score_divisor(cfg, layer))
-    p_BGRTS = jax.nn.softmax(jnp.where(mask_B1TS[:, :, None], s_BGRTS, jnp.finfo(jnp.float32).min), axis=-1)
-    y_BTGRK = jnp.einsum("bgrts,bgsk->btgrk", p_BGRTS.astype(v_BGSK.dtype), v_BGSK)
-    x_ND = _mlp_residual(p, x_ND + _dense(p["attn"]["c_proj"], y_BTGRK.reshape(N, H * K)), cfg, None)
-    return x_ND, (k_BGSK, v_BGSK)
-
-
-def hidden_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
-    """`hidden` for tokens written at cache slots [index, index + T) modulo the cache's
-    length: returns ([N, D], cache).
-
-    Each token attends to the cached slots whose positions lie in its window
-    (its own position - block_size, its own position]: causal, and blind to padding
-    (position -1). Under rope a token's key does not depend on what comes after it, so a
-    cache of at least block_size slots can wrap around and slide past block_size; a
-    learned position table allows no position past block_size - 1 (generate recomputes
-    those). No dropout: this is for inference.
-    """
-    B, T = tokens_BT.shape
-    index, S = cache["index"], cache["pos_BS"].shape[1]
-    at = index % S
-    pos_BS = jax.lax.dynamic_update_slice(cache["pos_BS"], positions_BT, (0, at))
-    kpos_B11S, qpos_B1T1 = pos_BS[:, None, None, :], positions_BT[:, None, :, None]
-    mask_B1TS = (kpos_B11S >= 0) & (kpos_B11S <= qpos_B1T1) & (kpos_B11S > qpos_B1T1 - cfg.block_size)
-    x_BTD = params["wte"][tokens_BT]
-    if cfg.pos == "learned":
-        x_BTD = x_BTD + params["wpe"][jnp.clip(positions_BT, 0, cfg.block_size - 1)]
-    x_ND = x_BTD.reshape(B * T, -1)
-    k_cache, v_cache = [], []
-    for layer, (p_block, *kv) in enumerate(zip(params["h"], cache["k_BGSK"], cache["v_BGSK"])):
-        x_ND, (k_BGSK, v_BGSK) = _block_cached(p_block, x_ND, positions_BT, kv, at, mask_B1TS, cfg, layer)
-        k_cache.append(k_BGSK)
-        v_cache.append(v_BGSK)
-    h_ND = _norm(params["ln_f"], x_ND, cfg)
-    return h_ND, {"k_BGSK": k_cache, "v_BGSK": v_cache, "pos_BS": pos_BS, "index": index + T}
-
-
-def forward_cached(params: Params, tokens_BT, positions_BT, cache: dict, cfg: GPTConfig):
-    """Logits float32 [B, T, V] and the updated cache; see `hidden_cached`."""
-    B, T = tokens_BT.shape
-    h_ND, cache = hidden_cached(params, tokens_BT, positions_BT, cache, cfg)
-    return logits(params, h_ND, cfg).reshape(B, T, -1), cache

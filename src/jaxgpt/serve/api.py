@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from jaxgpt.serve.engine import TOP_LOGPROBS, Draining, Engine, QueueFull, Sequence
+from jaxgpt.decode import TOP_LOGPROBS
+from jaxgpt.serve.engine import Draining, Engine, QueueFull, Sequence
 
 MAX_BODY_BYTES = 4 * 2**20  # a request body past this is refused (413) as soon as it is known to be
 BODY_TIMEOUT_S = 30  # a request body must arrive within this (408), headers within HEADER_TIMEOUT_S

@@ -26,25 +26,21 @@ mixed with others, or as row `row` of `generate(..., seed=seed)`.
 
 import collections
 import dataclasses
-import functools
 import threading
 import time
 import traceback
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt import model
+from jaxgpt import decode
 from jaxgpt.config import GPTConfig
-from jaxgpt.generate import last_logits
-from jaxgpt.generate import filter_logits, pow2_bucket
+from jaxgpt.decode import pow2_bucket
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill call while other rows decode; longer prompts go in chunks
 PREFILL_ROWS = (1, 4, 16)  # short prompts of one length bucket prefilled together, in calls of these many rows
 PREFILL_TOKENS = 1024  # the most padded prompt tokens (rows x bucket) in one prefill call
-TOP_LOGPROBS = 5  # the most alternatives listed with a token's logprob
 SMALLEST_RING = 256  # ring sizes: this times powers of two, up to the context
 
 
@@ -82,41 +78,6 @@ class Sequence:
         return len(self.prompt) - 1 + self.max_tokens
 
 
-def _slot_axes(path) -> tuple[int, int] | None:
-    """(batch axis, slot axis) of a cache leaf, read from the shape suffix of its name
-    ("k_BHSK": 0 and 2), or None for a leaf without slots (the write index). Only the
-    names are assumed, so caches of other layouts and head counts work unchanged."""
-    name = next(str(p.key) for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
-    axes = name.rsplit("_", 1)[-1] if "_" in name else ""
-    return (axes.index("B"), axes.index("S")) if "B" in axes and "S" in axes else None
-
-
-def _map_slots(fn, *caches):
-    """`fn(batch_axis, slot_axis, *leaves)` over the slot-holding leaves of `caches`; the
-    other leaves are the first cache's."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf, *rest: leaf if (axes := _slot_axes(path)) is None else fn(*axes, leaf, *rest),
-        *caches,
-    )
-
-
-def _float_dtype(tree):
-    return next(a.dtype for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _prefill(params, cache, tokens_PC, positions_PC, index, cfg: GPTConfig):
-    """Writes one chunk of P prompts into their own P-row cache at slots [index, index + C)."""
-    _, cache = model.hidden_cached(params, tokens_PC, positions_PC, cache | {"index": index}, cfg)
-    return cache
-
-
-@jax.jit
-def _take_row(cache, row):
-    """Row `row` of a prompt cache, as a one-row cache."""
-    return _map_slots(lambda b_axis, s_axis, a: jax.lax.dynamic_slice_in_dim(a, row, 1, b_axis), cache)
-
-
 def short_buckets(block_size: int) -> list[int]:
     """Padded lengths of the prompts prefilled in one chunk: powers of two from 16 and 1.5
     times them, up to PREFILL_CHUNK (finer than powers of two alone: less padding computed)."""
@@ -142,108 +103,6 @@ def _prefill_calls(lengths: list[int], buckets: list[int]) -> list[tuple[int, li
             calls.append((L, todo[:P]))
             todo = todo[P:]
     return calls
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "ring"), donate_argnames=("cache",))
-def _insert(cache, prompt_cache, row, head, cfg: GPTConfig, ring: int):
-    """The batch cache with row `row` replaced by `prompt_cache` (one row of L slots),
-    rolled so that its last slot lies just before slot `head`."""
-
-    def place(b_axis, s_axis, big, small, empty):
-        row_cache = jax.lax.dynamic_update_slice_in_dim(empty, small, 0, s_axis)
-        row_cache = jnp.roll(row_cache, head - small.shape[s_axis], axis=s_axis)
-        return jax.lax.dynamic_update_slice_in_dim(big, row_cache, row, b_axis)
-
-    return _map_slots(place, cache, prompt_cache, model.init_cache(cfg, 1, ring, _float_dtype(cache)))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "ring"))
-def _resize(cache, head, cfg: GPTConfig, ring: int):
-    """The ring rolled so that slot `head` (the oldest) comes first, then padded with empty
-    slots (the head moves to the old size) or cut to its newest `ring` slots (head 0)."""
-
-    def resize(b_axis, s_axis, old, empty):
-        rolled = jnp.roll(old, -head, axis=s_axis)
-        S = old.shape[s_axis]
-        if ring > S:
-            return jax.lax.dynamic_update_slice_in_dim(empty, rolled, 0, s_axis)
-        return jax.lax.slice_in_dim(rolled, S - ring, S, axis=s_axis)
-
-    B = cache["pos_BS"].shape[0]
-    return _map_slots(resize, cache, model.init_cache(cfg, B, ring, _float_dtype(cache)))
-
-
-def _sample(logits_BV, n_B, rows: dict):
-    """Each row's next token under its own settings, as `jaxgpt.generate` picks it.
-    Filters and random draws run only when some row asks for them."""
-    greedy_B = rows["temperature"] == 0
-    temperature_B = jnp.where(greedy_B, 1.0, rows["temperature"])
-
-    def top_k_only(l_V, t, k):
-        return filter_logits(l_V[None], t, k)[0]
-
-    def top_k_and_p(l_V, t, k, p):
-        return filter_logits(l_V[None], t, k, p)[0]
-
-    def filtered(l_BV):
-        # top_k is the vocabulary where a row set none: that keeps every token, exactly
-        k_BV = jax.vmap(top_k_only)(l_BV, temperature_B, rows["top_k"])
-        kp_BV = jax.vmap(top_k_and_p)(l_BV, temperature_B, rows["top_k"], rows["top_p"])
-        return jnp.where(rows["use_top_p"][:, None], kp_BV, k_BV)
-
-    def drawn(l_BV):
-        l_BV = jax.lax.cond(jnp.any(rows["filter"]), filtered, lambda l: l / temperature_B[:, None], l_BV)
-        fold = lambda seed, row, n: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), row), n)  # noqa: E731
-        keys_B = jax.vmap(fold)(rows["seed"], rows["row"], n_B)
-        return jax.vmap(jax.random.categorical)(keys_B, l_BV).astype(jnp.int32)
-
-    sampled_B = jax.lax.cond(jnp.all(greedy_B), lambda l: jnp.zeros(l.shape[:1], jnp.int32), drawn, logits_BV)
-    return jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), sampled_B)
-
-
-def _logprobs(logits_BV, tok_B, want_B):
-    """The model's log-probability of each picked token and its TOP_LOGPROBS most likely
-    alternatives (zeros unless some row wants them)."""
-    B = logits_BV.shape[0]
-
-    def compute(l_BV):
-        lp_BV = jax.nn.log_softmax(l_BV, axis=-1)
-        top_lp_BN, top_ids_BN = jax.lax.top_k(lp_BV, TOP_LOGPROBS)
-        return jnp.take_along_axis(lp_BV, tok_B[:, None], axis=-1)[:, 0], top_ids_BN.astype(jnp.int32), top_lp_BN
-
-    def skip(l_BV):
-        return (jnp.zeros((B,), jnp.float32), jnp.zeros((B, TOP_LOGPROBS), jnp.int32),
-                jnp.zeros((B, TOP_LOGPROBS), jnp.float32))
-
-    return jax.lax.cond(jnp.any(want_B), compute, skip, logits_BV)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "ring", "steps", "used"), donate_argnames=("cache",))
-def _decode(params, cache, head, rows: dict, cfg: GPTConfig, ring: int, steps: int, used: int):
-    """`steps` decode steps of the first `used` rows (the others are empty): feeds each live
-    row's last token, picks the next. A row stops being live after its stop token or its
-    max_tokens-th new token. Returns the cache and, per step, [used, steps] tokens,
-    liveness and logprobs."""
-    full = cache
-    cache = _map_slots(lambda b_axis, s_axis, a: jax.lax.slice_in_dim(a, 0, used, axis=b_axis), cache)
-    rows = {k: v[:used] for k, v in rows.items()}
-
-    def step(carry, k):
-        cache, last_B, pos_B, n_B, live_B = carry
-        h_ND, cache = model.hidden_cached(
-            params, last_B[:, None], jnp.where(live_B, pos_B, -1)[:, None], cache | {"index": (head + k) % ring}, cfg
-        )
-        logits_BV = last_logits(params, h_ND, last_B.shape[0], cfg)
-        tok_B = _sample(logits_BV, n_B, rows)
-        lp = _logprobs(logits_BV, tok_B, rows["logprobs"] & live_B)
-        next_live_B = live_B & (tok_B != rows["stop"]) & (n_B + 1 < rows["max_tokens"])
-        return (cache, tok_B, pos_B + 1, n_B + 1, next_live_B), (tok_B, live_B, *lp)
-
-    carry = (cache, rows["last"], rows["pos"], rows["n"], rows["live"])
-    (cache, *_), out = jax.lax.scan(step, carry, jnp.arange(steps))
-    cache = _map_slots(lambda b_axis, s_axis, big, a: jax.lax.dynamic_update_slice_in_dim(big, a, 0, b_axis),
-                       full, cache)
-    return cache, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), out)
 
 
 class Engine:
@@ -330,20 +189,14 @@ class Engine:
 
     def _setup(self) -> None:
         cfg, B = self.cfg, self.slots
-        # Decoding a few rows is faster with the kernels stored [out, in] (see model.transpose_kernels).
-        self.decode_params = jax.jit(model.transpose_kernels)(self.params)
-        self.dtype = _float_dtype(self.params)
+        # Decoding a few rows is faster with the kernels stored [out, in] (see decode.transpose_kernels).
+        self.decode_params = jax.jit(decode.transpose_kernels)(self.params)
+        self.dtype = decode.float_dtype(self.params)
         self.ring = self.ring_sizes[0]
-        self.cache = model.init_cache(cfg, B, self.ring, self.dtype)
+        self.cache = decode.init_cache(cfg, B, self.ring, self.dtype)
         self.head = 0
         self._prefilling = None  # (seq, prompt cache, next chunk start, chunk starts)
-        self.host = {
-            "last": np.zeros(B, np.int32), "pos": np.zeros(B, np.int32), "n": np.zeros(B, np.int32),
-            "live": np.zeros(B, bool), "max_tokens": np.ones(B, np.int32), "temperature": np.zeros(B, np.float32),
-            "top_k": np.full(B, cfg.vocab_size, np.int32), "top_p": np.ones(B, np.float32),
-            "use_top_p": np.zeros(B, bool), "filter": np.zeros(B, bool), "seed": np.zeros(B, np.uint32),
-            "row": np.zeros(B, np.int32), "logprobs": np.zeros(B, bool), "stop": np.full(B, -1, np.int32),
-        }
+        self.host = decode.new_rows(B, cfg.vocab_size)
         self._compile()
 
     def _compile(self) -> None:
@@ -356,22 +209,21 @@ class Engine:
                           if P == 1 or (L <= PREFILL_CHUNK and P * L <= PREFILL_TOKENS)]
         for P, L in prefill_shapes:
             C = min(L, PREFILL_CHUNK)
-            prompt_cache = model.init_cache(self.cfg, P, L, self.dtype)
-            prompt_cache = _prefill(self.params, prompt_cache, np.zeros((P, C), np.int32),
+            prompt_cache = decode.init_cache(self.cfg, P, L, self.dtype)
+            prompt_cache = decode.prefill(self.params, prompt_cache, np.zeros((P, C), np.int32),
                                     np.full((P, C), -1, np.int32), np.int32(0), self.cfg)
             if P > 1:
-                _take_row(prompt_cache, np.int32(0))
+                decode.take_row(prompt_cache, np.int32(0))
         for ring in self.ring_sizes:
-            cache = model.init_cache(self.cfg, self.slots, ring, self.dtype)
+            cache = decode.init_cache(self.cfg, self.slots, ring, self.dtype)
             for used in self.row_buckets:
-                cache, _ = _decode(self.decode_params, cache, np.int32(0), self.host, self.cfg, ring,
-                                   self.decode_chunk, used)
+                cache, *_ = decode.decode(self.decode_params, cache, np.int32(0), self.host, np.int32(self.decode_chunk),
+                                          self.cfg, self.decode_chunk, used)
             for L in (L for L in lengths if L <= ring):
-                cache = _insert(cache, model.init_cache(self.cfg, 1, L, self.dtype), np.int32(0), np.int32(0),
-                                self.cfg, ring)
+                cache = decode.insert(cache, decode.init_cache(self.cfg, 1, L, self.dtype), np.int32(0), np.int32(0))
             for other in self.ring_sizes:
                 if other != ring:
-                    _resize(cache, np.int32(0), self.cfg, other)
+                    decode.resize(cache, np.int32(0), other)
         self.log(f"compiled {len(prefill_shapes)} prefill shapes and decoding for {len(self.ring_sizes)} ring sizes x "
                  f"{len(self.row_buckets)} row counts ({self.slots} slots) in {time.perf_counter() - t0:.1f} s")
 
@@ -427,14 +279,14 @@ class Engine:
                     n = len(heads[i])
                     if n:
                         tokens_PL[r, L - n:], pos_PL[r, L - n:] = heads[i], np.arange(n)
-                cache = _prefill(self.params, model.init_cache(self.cfg, len(idx), L, self.dtype), tokens_PL, pos_PL,
+                cache = decode.prefill(self.params, decode.init_cache(self.cfg, len(idx), L, self.dtype), tokens_PL, pos_PL,
                                  np.int32(0), self.cfg)
                 computed += tokens_PL.size
                 for r, i in enumerate(idx):
                     if seqs[i].cancelled:
                         seqs[i].emit("done", "cancelled")
                     else:
-                        self._insert(seqs[i], cache if len(idx) == 1 else _take_row(cache, np.int32(r)))
+                        self._insert(seqs[i], cache if len(idx) == 1 else decode.take_row(cache, np.int32(r)))
                     pending.discard(i)  # only now: a sequence whose insert raised is in no row yet
         except Exception as e:  # the rows' sequences are failed by the caller; these are in no row yet
             for i in pending:
@@ -467,7 +319,7 @@ class Engine:
                 seq.emit("done", "cancelled")
                 continue
             start, tokens_1C, pos_1C = starts.pop(0)
-            prompt_cache = _prefill(self.params, prompt_cache, tokens_1C, pos_1C, np.int32(start), self.cfg)
+            prompt_cache = decode.prefill(self.params, prompt_cache, tokens_1C, pos_1C, np.int32(start), self.cfg)
             self._prefilling = (seq, prompt_cache, starts)
             if budget is not None:
                 budget -= tokens_1C.shape[1]
@@ -487,15 +339,15 @@ class Engine:
             pos_L[L - len(head):] = np.arange(len(head))
         chunks = [(s, tokens_L[None, s:s + C], pos_L[None, s:s + C]) for s in range(0, L, C)]
         chunks = [c for c in chunks if (c[2] >= 0).any()] or chunks[-1:]  # all-padding chunks change nothing
-        self._prefilling = (seq, model.init_cache(self.cfg, 1, L, self.dtype), chunks)
+        self._prefilling = (seq, decode.init_cache(self.cfg, 1, L, self.dtype), chunks)
 
     def _set_ring(self, ring: int) -> None:
         if ring == self.ring:
             return
         if all(s is None for s in self.rows):  # nothing to keep: a fresh ring, no copy
-            self.cache, self.head = model.init_cache(self.cfg, self.slots, ring, self.dtype), 0
+            self.cache, self.head = decode.init_cache(self.cfg, self.slots, ring, self.dtype), 0
         else:
-            self.cache = _resize(self.cache, np.int32(self.head % self.ring), self.cfg, ring)
+            self.cache = decode.resize(self.cache, np.int32(self.head % self.ring), ring)
             self.head = self.ring if ring > self.ring else 0
         self.ring = ring
 
@@ -507,20 +359,10 @@ class Engine:
         if self._fitting_ring(need) > self.ring:
             self._set_ring(self._fitting_ring(need))
         b = self.rows.index(None)
-        self.cache = _insert(self.cache, prompt_cache, np.int32(b), np.int32(self.head % self.ring), self.cfg,
-                             self.ring)
-        h, cfg = self.host, self.cfg
-        h["last"][b], h["pos"][b], h["n"][b], h["live"][b] = seq.prompt[-1], len(seq.prompt) - 1, 0, True
-        h["max_tokens"][b] = seq.max_tokens
-        h["temperature"][b] = seq.temperature
-        h["top_k"][b] = min(seq.top_k or cfg.vocab_size, cfg.vocab_size)
-        h["top_p"][b] = seq.top_p or 1.0
-        h["use_top_p"][b] = seq.top_p is not None
-        h["filter"][b] = seq.temperature > 0 and (seq.top_k is not None or seq.top_p is not None)
-        h["seed"][b] = seq.seed % 2**32
-        h["row"][b] = seq.row
-        h["logprobs"][b] = seq.logprobs
-        h["stop"][b] = -1 if seq.stop_token is None else seq.stop_token
+        self.cache = decode.insert(self.cache, prompt_cache, np.int32(b), np.int32(self.head % self.ring))
+        decode.set_row(self.host, b, seq.prompt, seq.max_tokens, self.cfg.vocab_size, temperature=seq.temperature,
+                       top_k=seq.top_k, top_p=seq.top_p, seed=seq.seed, row=seq.row, logprobs=seq.logprobs,
+                       stop=[] if seq.stop_token is None else [seq.stop_token])
         self.rows[b] = seq
 
     def _free(self, b: int, reason: str) -> None:
@@ -536,10 +378,12 @@ class Engine:
         K = self.decode_chunk
         last_row = max(b for b, seq in enumerate(self.rows) if seq is not None)
         used = next(u for u in self.row_buckets if u > last_row)
-        self.cache, out = _decode(self.decode_params, self.cache, np.int32(self.head % self.ring),
-                                  {k: v.copy() for k, v in self.host.items()}, self.cfg, self.ring, K, used)
-        tok_BK, live_BK, lp_BK, top_ids_BKN, top_lp_BKN = jax.device_get(out)
-        self.head += K
+        self.cache, n, picked, state = decode.decode(self.decode_params, self.cache, np.int32(self.head % self.ring),
+                                                     self.host, np.int32(K), self.cfg, K, used)
+        n, picked, state = jax.device_get((n, picked, state))
+        tok_BK, live_BK, lp_BK, top_ids_BKN, top_lp_BKN = (picked[k] for k in ("tokens", "live", "logprob", "top_ids",
+                                                                               "top_logprobs"))
+        self.head += int(n)
         h, emitted = self.host, 0
         for b, seq in enumerate(self.rows[:used]):
             if seq is None:
@@ -559,7 +403,8 @@ class Engine:
             elif seq.generated >= seq.max_tokens:
                 self._free(b, "length")
             else:
-                h["last"][b], h["pos"][b], h["n"][b] = ids[-1], h["pos"][b] + K, h["n"][b] + K
+                for k in ("last", "pos", "n"):
+                    h[k][b] = state[k][b]
         self.tokens_per_s = emitted / (time.perf_counter() - t0)
 
     def _fail_all(self, message: str) -> None:
@@ -572,5 +417,5 @@ class Engine:
             self._prefilling[0].emit("error", message)
             self._prefilling = None
         self.ring = self.ring_sizes[0]
-        self.cache = model.init_cache(self.cfg, self.slots, self.ring, self.dtype)
+        self.cache = decode.init_cache(self.cfg, self.slots, self.ring, self.dtype)
         self.head = 0
