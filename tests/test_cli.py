@@ -33,6 +33,10 @@ def test_prepare_train_sample_eval(tmp_path, shakespeare_text):
             "--temperature", "0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert_greedy(tmp_path / "run", "ROMEO:", r.stdout, n_samples=2, n_new=20)
+    r = run("sample", "--out-dir", "run", "--prompt", "ROMEO:", "--num-samples", "1", "--max-new-tokens", "20",
+            "--temperature", "0", "--dtype", "bfloat16", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_greedy(tmp_path / "run", "ROMEO:", r.stdout, n_samples=1, n_new=20, dtype="bfloat16")
 
     r = run("eval", "--out-dir", "run", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -44,14 +48,17 @@ def test_prepare_train_sample_eval(tmp_path, shakespeare_text):
     assert r.returncode == 1 and "--resume" in r.stderr  # never overwrites a run silently
 
 
-def assert_greedy(run_dir, prompt: str, stdout: str, n_samples: int, n_new: int):
+def assert_greedy(run_dir, prompt: str, stdout: str, n_samples: int, n_new: int, dtype: str = "float32"):
     """Every sample printed is the prompt and `n_new` characters, each the argmax of the run's
-    best checkpoint's full forward over the text before it (within float32 rounding of a tie)."""
+    best checkpoint's full forward (its params in `dtype`) over the text before it (within
+    float32 rounding of a tie)."""
+    import jax
     import numpy as np
 
     from jaxgpt import checkpoint, load, model
 
     cfg, params, _ = checkpoint.load_params(run_dir, "best")
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
     tok = load.load_model(run_dir)[2]
     samples = stdout.removesuffix("\n").split("\n" + "-" * 40 + "\n")
     assert len(samples) == n_samples and len(set(samples)) == 1, samples

@@ -117,6 +117,8 @@ class SampleArgs:
     """Keep the smallest set of tokens whose probability reaches p (after top-k)."""
     seed: int = 1337
     checkpoint: Literal["best", "latest"] = "best"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The weights' and KV cache's dtype: bfloat16 halves the bytes each decode step reads (logits, softmax and norms stay float32)."""
 
 
 @dataclasses.dataclass
@@ -181,6 +183,8 @@ class ServeArgs:
     max_connections: int = 256
     """Open HTTP connections at most; more get 503."""
     checkpoint: Literal["best", "latest"] = "best"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The weights' and KV cache's dtype: bfloat16 halves the bytes each decode step reads (logits, softmax and norms stay float32)."""
 
 
 @dataclasses.dataclass
@@ -314,20 +318,20 @@ def _read_prompt(prompt: str) -> str:
     return prompt
 
 
-def _load_model(out_dir: str | None, init_from: str | None, which: str = "best"):
+def _load_model(out_dir: str | None, init_from: str | None, which: str = "best", dtype: str = "float32"):
     """(model config, params, tokenizer) of --out-dir or --init-from, exactly one of them."""
     from jaxgpt import load
 
     if (out_dir is None) == (init_from is None):
         raise config_lib.ConfigError("give either --out-dir RUN_DIR or --init-from gpt2|HF_DIR")
-    return load.load_model(out_dir or init_from, which)
+    return load.load_model(out_dir or init_from, which, dtype=dtype)
 
 
 def cmd_sample(argv: list[str]) -> None:
     from jaxgpt.generate import generate_stream, stream_text
 
     args = _parse(SampleArgs, argv, "jaxgpt sample")
-    model_cfg, params, tok = _load_model(args.out_dir, args.init_from, args.checkpoint)
+    model_cfg, params, tok = _load_model(args.out_dir, args.init_from, args.checkpoint, args.dtype)
     prompt_ids = tok.encode(_read_prompt(args.prompt))
     if not prompt_ids:
         raise config_lib.ConfigError("--prompt is empty: give at least one character")
@@ -427,7 +431,7 @@ def cmd_serve(argv: list[str]) -> None:
     if (args.out_dir is None) == (args.init_from is None):
         raise config_lib.ConfigError("give either --out-dir RUN_DIR or --init-from gpt2|HF_DIR")
     serve.serve(args.out_dir or args.init_from, args.checkpoint, args.host, args.port, args.slots, args.queue_size,
-                args.api_key, args.max_connections)
+                args.api_key, args.max_connections, args.dtype)
 
 
 def cmd_info(argv: list[str]) -> None:

@@ -5,6 +5,8 @@ directory (config.json) or a Hub name."""
 import hashlib
 from pathlib import Path
 
+import jax
+
 from jaxgpt import checkpoint, hf
 from jaxgpt import tokenizer as tokenizer_lib
 
@@ -19,17 +21,18 @@ def _holds_gpt2_tokenizer(path: Path) -> bool:
                for name, gpt2_name in _GPT2_TOKENIZER_FILES.items())
 
 
-def load_model(source: str | Path, which: str = "best", need_tokenizer: bool = True):
+def load_model(source: str | Path, which: str = "best", need_tokenizer: bool = True, dtype: str = "float32"):
     """(model config, params, tokenizer) of `source`. A run directory gives its `which`
     checkpoint (best or latest) and the tokenizer of the data it was trained on (the copy
     the run directory keeps); an HF
     checkpoint gives GPT-2's tokenizer where its vocabulary is GPT-2's (a GPT-2 whose
     vocabulary holds GPT-2's, or a directory holding GPT-2's BPE files), else None (an
-    error under `need_tokenizer`): Llama's and Qwen3's own tokenizers are not jaxgpt's."""
+    error under `need_tokenizer`): Llama's and Qwen3's own tokenizers are not jaxgpt's.
+    The params come in `dtype`: the model computes in its params' dtype."""
     path = Path(source)
     if (path / "config.toml").is_file():
         cfg, params, _ = checkpoint.load_params(path, which)
-        return cfg.model, params, checkpoint.run_tokenizer(path)
+        return cfg.model, _cast(params, dtype), checkpoint.run_tokenizer(path)
     if path.is_dir() and not (path / "config.json").is_file():
         raise hf.HFError(f"{path} is neither a jaxgpt run directory (config.toml) nor a Hugging Face "
                          "checkpoint (config.json): point at the directory that holds one")
@@ -44,4 +47,8 @@ def load_model(source: str | Path, which: str = "best", need_tokenizer: bool = T
         kind = "Qwen3" if model_cfg.qk_norm else "Llama"
         raise hf.HFError(f"{source} is a {kind} checkpoint whose tokenizer jaxgpt does not support (only GPT-2's): "
                          "use the jaxgpt run directory it was exported from, or pass token ids to jaxgpt.generate")
-    return model_cfg, params, tok
+    return model_cfg, _cast(params, dtype), tok
+
+
+def _cast(params, dtype: str):
+    return jax.tree.map(lambda a: a.astype(dtype), params) if dtype != "float32" else params

@@ -11,10 +11,11 @@ from jaxgpt.errors import UserError
 
 
 def serve(source: str, which: str = "best", host: str = "127.0.0.1", port: int = 8000, slots: int = 16,
-          queue_size: int = 64, api_key: str | None = None, max_connections: int = 256) -> None:
+          queue_size: int = 64, api_key: str | None = None, max_connections: int = 256, dtype: str = "float32") -> None:
     """Loads `source` (a run directory, an HF directory or a Hub name), compiles, and
     serves it until SIGINT or SIGTERM, which stop new connections and drain the requests
-    in flight. `api_key` (else $JAXGPT_API_KEY, if set) guards the /v1 routes."""
+    in flight. `api_key` (else $JAXGPT_API_KEY, if set) guards the /v1 routes; `dtype` is
+    the weights' and KV cache's."""
     try:
         import uvicorn
 
@@ -34,7 +35,7 @@ def serve(source: str, which: str = "best", host: str = "127.0.0.1", port: int =
             probe.bind((host, port))
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or --host") from None
-    cfg, params, tok = load.load_model(source, which)
+    cfg, params, tok = load.load_model(source, which, dtype=dtype)
     model_id = Path(source).name or str(source)
     template = api.chat_template(source)
     print(f"loaded {source}: {cfg.n_layer} layers, width {cfg.n_embd}, context {cfg.block_size}, "
