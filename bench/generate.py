@@ -50,6 +50,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--engines", nargs="+", default=["jaxgpt", "transformers"], choices=["jaxgpt", "transformers"],
+                    help="jaxgpt alone for a before/after of jaxgpt (see bench/ab.py)")
     args = ap.parse_args()
     N = args.new_tokens
 
@@ -97,6 +99,8 @@ def main():
         out_jax = run_jax(B)
         first_token()
         print(f"batch {B}: compile {sum(compile_s):.1f} s (trace, lower and compile, first request only)")
+        if "transformers" not in args.engines:
+            continue
         out_hf = run_hf(B)
         agree = [next((i for i, (a, b) in enumerate(zip(r, s)) if a != b), N) for r, s in zip(out_jax, out_hf)]
         print(f"batch {B}: greedy tokens equal to transformers' for the first {min(agree)} of {N} (all rows)")
@@ -104,15 +108,17 @@ def main():
     for rep in range(args.reps):
         for B in args.batches:
             results[B]["jax"].append(timed(lambda: run_jax(B))[1])
-            results[B]["hf"].append(timed(lambda: run_hf(B))[1])
+            if "transformers" in args.engines:
+                results[B]["hf"].append(timed(lambda: run_hf(B))[1])
             results[B]["ttft"].append(timed(first_token)[1])
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
-            f"batch {B} jax {results[B]['jax'][-1]:.2f} s hf {results[B]['hf'][-1]:.2f} s" for B in args.batches))
+            f"batch {B} jax {results[B]['jax'][-1]:.2f} s hf {(results[B]['hf'] or [float('nan')])[-1]:.2f} s"
+            for B in args.batches))
 
     print("\n| batch | jaxgpt tok/s | transformers tok/s | ratio | jaxgpt ms/token step | time to first token | roofline |")
     print("|---|---|---|---|---|---|---|")
     for B in args.batches:
-        t_jax, t_hf = (statistics.median(results[B][k]) for k in ("jax", "hf"))
+        t_jax, t_hf = (statistics.median(results[B][k] or [float("nan")]) for k in ("jax", "hf"))
         ttft = statistics.median(results[B]["ttft"])
         roofline = f"{(N / t_jax) / (bandwidth / weight_bytes):.0%}" if B == 1 else ""
         print(f"| {B} | {B * N / t_jax:.1f} | {B * N / t_hf:.1f} | {t_hf / t_jax:.2f}x | "

@@ -40,20 +40,20 @@ def pow2_bucket(n: int, minimum: int = 1) -> int:
 
 def init_cache(cfg: GPTConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
     """An empty cache of `slots` slots per row, its keys and values in `dtype` (the compute
-    dtype: the params'). Each layer has its own keys and values [batch, slot, key/value
-    head, head width], the layout `model.attention` reads."""
+    dtype: the params'). Each layer has its own keys [batch, key/value head, head width,
+    slot] and values [batch, key/value head, slot, head width], the layouts
+    `model.attention` reads without a copy."""
     _, G, K = model.head_dims(cfg)
-    shape = (batch, slots, G, K)
     return {
-        "k_BSGK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
-        "v_BSGK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
+        "k_BGKS": [jnp.zeros((batch, G, K, slots), dtype) for _ in range(cfg.n_layer)],
+        "v_BGSK": [jnp.zeros((batch, G, slots, K), dtype) for _ in range(cfg.n_layer)],
         "pos_BS": jnp.full((batch, slots), -1, jnp.int32),
     }
 
 
 def _slot_axes(path) -> tuple[int, int] | None:
     """(batch axis, slot axis) of a cache leaf, read from the shape suffix of its name
-    ("k_BSGK": 0 and 1)."""
+    ("k_BGKS": 0 and 3)."""
     name = next(str(p.key) for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
     axes = name.rsplit("_", 1)[-1]
     return axes.index("B"), axes.index("S")
@@ -82,15 +82,15 @@ def hidden(params, tokens_BT, positions_BT, cache: dict, at, cfg: GPTConfig):
         x_BTD = x_BTD + params["wpe"][jnp.clip(positions_BT, 0, cfg.block_size - 1)]
     x_ND = x_BTD.reshape(B * T, -1)
     k_cache, v_cache = [], []
-    for layer, (p, k_BSGK, v_BSGK) in enumerate(zip(params["h"], cache["k_BSGK"], cache["v_BSGK"])):
+    for layer, (p, k_BGKS, v_BGSK) in enumerate(zip(params["h"], cache["k_BGKS"], cache["v_BGSK"])):
         q_BTHK, k_BTGK, v_BTGK = model.qkv(p, x_ND, positions_BT, cfg)
-        k_BSGK = jax.lax.dynamic_update_slice(k_BSGK, k_BTGK, (0, at, 0, 0))
-        v_BSGK = jax.lax.dynamic_update_slice(v_BSGK, v_BTGK, (0, at, 0, 0))
-        y_BTHK = model.attention(q_BTHK, k_BSGK, v_BSGK, model.score_divisor(cfg, layer), mask_B1TS=mask_B1TS)
+        k_BGKS = jax.lax.dynamic_update_slice(k_BGKS, k_BTGK.transpose(0, 2, 3, 1), (0, 0, 0, at))
+        v_BGSK = jax.lax.dynamic_update_slice(v_BGSK, v_BTGK.transpose(0, 2, 1, 3), (0, 0, at, 0))
+        y_BTHK = model.attention(q_BTHK, k_BGKS, v_BGSK, model.score_divisor(cfg, layer), mask_B1TS=mask_B1TS)
         x_ND = model.block_output(p, x_ND, y_BTHK, cfg)
-        k_cache.append(k_BSGK)
-        v_cache.append(v_BSGK)
-    return model.norm(params["ln_f"], x_ND, cfg), {"k_BSGK": k_cache, "v_BSGK": v_cache, "pos_BS": pos_BS}
+        k_cache.append(k_BGKS)
+        v_cache.append(v_BGSK)
+    return model.norm(params["ln_f"], x_ND, cfg), {"k_BGKS": k_cache, "v_BGSK": v_cache, "pos_BS": pos_BS}
 
 
 def forward(params, tokens_BT, positions_BT, cache: dict, at, cfg: GPTConfig):
@@ -163,11 +163,9 @@ def transpose_kernels(params):
 
 
 def last_logits(params, h_ND, B: int, cfg: GPTConfig) -> jax.Array:
-    """Float32 logits [B, V] of each row's last position."""
+    """Float32 logits [B, V] of each row's last position. The output layer [V, D] is the
+    left operand, as stored: on the right, XLA:CPU copies its transpose at every step."""
     h_BD, head_VD = h_ND.reshape(B, -1, h_ND.shape[-1])[:, -1], model.output_embedding(params)
-    if B == 1:
-        return model.softcap(jnp.matmul(h_BD, head_VD.T, preferred_element_type=jnp.float32), cfg)
-    # As in transpose_kernels: a few rows go ~1.7x faster with the weight on the left.
     logits_VB = jnp.matmul(head_VD, h_BD.T, preferred_element_type=jnp.float32)
     return model.softcap(jax.lax.optimization_barrier(logits_VB).T, cfg)
 
