@@ -262,7 +262,7 @@ def sample(logits_BV, n_B, rows: dict):
 
 def _logprobs(logits_BV, tok_B, want_B):
     """The log-probability of each picked token and its TOP_LOGPROBS most likely
-    alternatives (zeros unless some row wants them)."""
+    alternatives (zeros unless some row wants them; `want_B` None: none can)."""
     B = logits_BV.shape[0]
 
     def compute(l_BV):
@@ -274,15 +274,18 @@ def _logprobs(logits_BV, tok_B, want_B):
         return (jnp.zeros((B,), jnp.float32), jnp.zeros((B, TOP_LOGPROBS), jnp.int32),
                 jnp.zeros((B, TOP_LOGPROBS), jnp.float32))
 
-    return jax.lax.cond(jnp.any(want_B), compute, skip, logits_BV)
+    return skip(logits_BV) if want_B is None else jax.lax.cond(jnp.any(want_B), compute, skip, logits_BV)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "used"), donate_argnames=("cache",))
-def decode(params, cache, head, rows: dict, until, cfg: GPTConfig, steps: int, used: int):
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "used", "greedy", "logprobs"), donate_argnames=("cache",))
+def decode(params, cache, head, rows: dict, until, cfg: GPTConfig, steps: int, used: int, greedy: bool = False,
+           logprobs: bool = True):
     """Decode steps of the first `used` rows (the others are empty), writing slot (head + k)
     modulo the cache's size at step k: `until` steps (at most `steps`), fewer once no row is
     live or, with a learned position table, once a live row's next position passes
     block_size - 1. A row stops being live after a stop token or its max_tokens-th token.
+    `greedy` (every row's temperature is 0) and `logprobs` False leave the sampling filters
+    and the logprobs out of the compiled program (their outputs are zeros).
 
     Returns (cache, steps run, picked, state): picked {"tokens", "live", "logprob",
     "top_ids", "top_logprobs"}, each [used, steps, ...] (a step's token counts where `live`:
@@ -306,8 +309,9 @@ def decode(params, cache, head, rows: dict, until, cfg: GPTConfig, steps: int, u
         h_ND, cache = hidden(params, last_B[:, None], jnp.where(live_B, pos_B, -1)[:, None], cache, (head + k) % S,
                              cfg)
         logits_BV = last_logits(params, h_ND, used, cfg)
-        tok_B = sample(logits_BV, n_B, rows)
-        logprob_B, top_ids_BN, top_logprobs_BN = _logprobs(logits_BV, tok_B, rows["logprobs"] & live_B)
+        tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32) if greedy else sample(logits_BV, n_B, rows)
+        want_B = rows["logprobs"] & live_B if logprobs else None
+        logprob_B, top_ids_BN, top_logprobs_BN = _logprobs(logits_BV, tok_B, want_B)
         picked = {"tokens": tok_B, "live": live_B, "logprob": logprob_B, "top_ids": top_ids_BN,
                   "top_logprobs": top_logprobs_BN}
         out = {name: a.at[:, k].set(picked[name]) for name, a in out.items()}

@@ -84,7 +84,7 @@ def generate_stream(
                        top_p=top_p, seed=seed, row=i, stop=stop_tokens)
     dtype = decode.float_dtype(params)
     decode_params = _transpose_kernels(params) if B > 1 else params  # read at every step: worth a copy
-    steps = pow2_bucket(chunk_tokens)
+    steps, greedy = pow2_bucket(chunk_tokens), temperature == 0
     max_slots = P + min(pow2_bucket(max_new_tokens, 16), bs)  # under rope, >= block_size once a row can pass it
     slots = min(2 * P, max_slots)
     cache = decode.prefill(params, decode.init_cache(cfg, B, slots, dtype), *_left_padded(seqs, B, P), np.int32(0),
@@ -97,7 +97,7 @@ def generate_stream(
         while got < want and rows["live"].any():
             windows = windows or (cfg.pos == "learned" and (rows["pos"][rows["live"]] >= bs).any())
             if windows:
-                n, picked, state = _window_step(params, decode_params, seqs, rows, cfg, steps)
+                n, picked, state = _window_step(params, decode_params, seqs, rows, cfg, steps, greedy)
             else:
                 ring = cfg.pos == "rope" and slots >= bs  # the cache slides: a slot is free once out of every window
                 if head == slots and not ring:
@@ -106,7 +106,7 @@ def generate_stream(
                     ring = cfg.pos == "rope" and slots >= bs
                 until = np.int32(want - got if ring else min(want - got, slots - head))
                 cache, n, picked, state = decode.decode(decode_params, cache, np.int32(head % slots), rows, until, cfg,
-                                                        steps, B)
+                                                        steps, B, greedy, logprobs=False)
                 n, picked, state = jax.device_get((n, picked, state))
                 head += int(n)
             for new_so_far, new in zip(chunk, _take(seqs, rows, n, picked, state)):
@@ -137,7 +137,7 @@ def _left_padded(seqs: list[list[int]], B: int, L: int):
     return tokens_BL, pos_BL
 
 
-def _window_step(params, decode_params, seqs, rows: dict, cfg: GPTConfig, steps: int):
+def _window_step(params, decode_params, seqs, rows: dict, cfg: GPTConfig, steps: int, greedy: bool):
     """One step over each row's last block_size tokens, recomputed from scratch at positions
     from 0 (a learned position table, past block_size): returns `decode.decode`'s step
     count, picks and state."""
@@ -146,7 +146,8 @@ def _window_step(params, decode_params, seqs, rows: dict, cfg: GPTConfig, steps:
     rows["pos"][: len(windows)] = [len(w) - 1 for w in windows]
     cache = decode.init_cache(cfg, B, bs, decode.float_dtype(params))
     cache = decode.prefill(params, cache, *_left_padded(windows, B, bs - 1), np.int32(0), cfg)
-    _, n, picked, state = decode.decode(decode_params, cache, np.int32(bs - 1), rows, np.int32(1), cfg, steps, B)
+    _, n, picked, state = decode.decode(decode_params, cache, np.int32(bs - 1), rows, np.int32(1), cfg, steps, B,
+                                        greedy, logprobs=False)
     return jax.device_get((n, picked, state))
 
 
