@@ -54,7 +54,7 @@ def test_masked_loss_is_mean_over_kept_positions():
 def test_attention_equals_plain_softmax_attention():
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(kk, (2, 16, 2, 8)) for kk in (k1, k2, k3))
-    fused = model.attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), math.sqrt(8))
+    fused = model.attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), math.sqrt(8))
     s = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(8)
     s = jnp.where(jnp.tril(jnp.ones((16, 16), bool)), s, -jnp.inf)
     plain = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(s, -1), v)

@@ -40,20 +40,20 @@ def pow2_bucket(n: int, minimum: int = 1) -> int:
 
 def init_cache(cfg: GPTConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
     """An empty cache of `slots` slots per row, its keys and values in `dtype` (the compute
-    dtype: the params'). Each layer has its own keys [batch, key/value head, head width,
-    slot] and values [batch, key/value head, slot, head width], the layouts
-    `model.attention` reads without a copy."""
+    dtype: the params'). Each layer has its own keys and values [batch, key/value head,
+    slot, head width], the layout `model.attention` takes."""
     _, G, K = model.head_dims(cfg)
+    shape = (batch, G, slots, K)
     return {
-        "k_BGKS": [jnp.zeros((batch, G, K, slots), dtype) for _ in range(cfg.n_layer)],
-        "v_BGSK": [jnp.zeros((batch, G, slots, K), dtype) for _ in range(cfg.n_layer)],
+        "k_BGSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
+        "v_BGSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
         "pos_BS": jnp.full((batch, slots), -1, jnp.int32),
     }
 
 
 def _slot_axes(path) -> tuple[int, int] | None:
     """(batch axis, slot axis) of a cache leaf, read from the shape suffix of its name
-    ("k_BGKS": 0 and 3)."""
+    ("k_BGSK": 0 and 2)."""
     name = next(str(p.key) for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
     axes = name.rsplit("_", 1)[-1]
     return axes.index("B"), axes.index("S")
@@ -82,15 +82,15 @@ def hidden(params, tokens_BT, positions_BT, cache: dict, at, cfg: GPTConfig):
         x_BTD = x_BTD + params["wpe"][jnp.clip(positions_BT, 0, cfg.block_size - 1)]
     x_ND = x_BTD.reshape(B * T, -1)
     k_cache, v_cache = [], []
-    for layer, (p, k_BGKS, v_BGSK) in enumerate(zip(params["h"], cache["k_BGKS"], cache["v_BGSK"])):
+    for layer, (p, k_BGSK, v_BGSK) in enumerate(zip(params["h"], cache["k_BGSK"], cache["v_BGSK"])):
         q_BTHK, k_BTGK, v_BTGK = model.qkv(p, x_ND, positions_BT, cfg)
-        k_BGKS = jax.lax.dynamic_update_slice(k_BGKS, k_BTGK.transpose(0, 2, 3, 1), (0, 0, 0, at))
+        k_BGSK = jax.lax.dynamic_update_slice(k_BGSK, k_BTGK.transpose(0, 2, 1, 3), (0, 0, at, 0))
         v_BGSK = jax.lax.dynamic_update_slice(v_BGSK, v_BTGK.transpose(0, 2, 1, 3), (0, 0, at, 0))
-        y_BTHK = model.attention(q_BTHK, k_BGKS, v_BGSK, model.score_divisor(cfg, layer), mask_B1TS=mask_B1TS)
+        y_BTHK = model.attention(q_BTHK, k_BGSK, v_BGSK, model.score_divisor(cfg, layer), mask_B1TS=mask_B1TS)
         x_ND = model.block_output(p, x_ND, y_BTHK, cfg)
-        k_cache.append(k_BGKS)
+        k_cache.append(k_BGSK)
         v_cache.append(v_BGSK)
-    return model.norm(params["ln_f"], x_ND, cfg), {"k_BGKS": k_cache, "v_BGSK": v_cache, "pos_BS": pos_BS}
+    return model.norm(params["ln_f"], x_ND, cfg), {"k_BGSK": k_cache, "v_BGSK": v_cache, "pos_BS": pos_BS}
 
 
 def forward(params, tokens_BT, positions_BT, cache: dict, at, cfg: GPTConfig):
