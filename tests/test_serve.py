@@ -378,7 +378,7 @@ def _raw_http(url: str, data: list[bytes], timeout: float = 30) -> bytes:
 def test_body_limit_is_enforced_while_reading(server):
     """A body past the limit is refused from its Content-Length before any of it arrives,
     and a chunked one as soon as the limit passes: neither is read to its end first."""
-    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
     declared = _raw_http(server["url"], [(head + f"Content-Length: {10**12}\r\n\r\n").encode()])
     chunk = b"%x\r\n%s\r\n" % (2**20, b" " * 2**20)
     chunked = _raw_http(server["url"], [(head + "Transfer-Encoding: chunked\r\n\r\n").encode()] + [chunk] * 5)
@@ -655,7 +655,6 @@ def test_soak(server, loaded):
     its resident memory by less than 10%."""
     cfg, params, tok = loaded
     url, name = server["url"], server["model"]
-    rng = np.random.default_rng(27)
     done, statuses = [], []  # (request, the choices' texts) of each completed request
 
     def request(rng):
