@@ -10,7 +10,8 @@ positions a cache of at least block_size slots can be a ring that slides past bl
 block_size - 1: there `decode` stops, and `generate` recomputes cropped windows.
 
 The cycle, for `generate` and the engine alike:
-- `init_cache`, then `prefill` writes prompts (all but their last token) at given slots;
+- `init_cache`, then `prefill` writes prompts (all but their last token) at given slots
+  (`prefill_and_pick` writes whole prompts and picks their first tokens);
 - `insert` puts one prefilled row into a batch cache, `resize` grows or shrinks it;
 - `decode` runs a chunk of steps. Each feeds every live row's last token, writes its key and
   value at the slot shared by all rows, (head + step) modulo S, and picks the row's next
@@ -105,6 +106,16 @@ def prefill(params, cache, tokens_BT, positions_BT, at, cfg: GPTConfig):
     """The cache with these prompt tokens written at slots [at, at + T): the prompts but
     their last token, which the first decode step feeds (so no output layer here)."""
     return hidden(params, tokens_BT, positions_BT, cache, at, cfg)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "greedy"), donate_argnames=("cache",))
+def prefill_and_pick(params, cache, tokens_BT, positions_BT, at, rows: dict, cfg: GPTConfig, greedy: bool):
+    """`prefill` of whole prompts (left-padded, so each ends at the last slot written) that
+    also picks each row's first new token from its last position, as `decode` would: one
+    read of the weights before the first token instead of two. Returns (cache, tokens [B])."""
+    h_ND, cache = hidden(params, tokens_BT, positions_BT, cache, at, cfg)
+    logits_BV = last_logits(params, h_ND, tokens_BT.shape[0], cfg)
+    return cache, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32) if greedy else sample(logits_BV, rows["n"], rows)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

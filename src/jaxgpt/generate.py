@@ -87,11 +87,19 @@ def generate_stream(
     steps, greedy = pow2_bucket(chunk_tokens), temperature == 0
     max_slots = P + min(pow2_bucket(max_new_tokens, 16), bs)  # under rope, >= block_size once a row can pass it
     slots = min(2 * P, max_slots)
-    cache = decode.prefill(params, decode.init_cache(cfg, B, slots, dtype), *_left_padded(seqs, B, P), np.int32(0),
-                           cfg)
+    cache, first_B = decode.prefill_and_pick(params, decode.init_cache(cfg, B, slots, dtype),
+                                             *_left_padded(seqs, B, P, whole=True), np.int32(0), rows, cfg, greedy)
+    first_B = np.array(first_B)
+    chunk = [[int(first_B[i])] for i in range(len(seqs))]
+    for seq, new in zip(seqs, chunk):
+        seq.extend(new)
+    rows["live"] &= ~(first_B[:, None] == rows["stop"]).any(-1) & (rows["max_tokens"] > 1)
+    rows["last"], rows["n"] = first_B, rows["n"] + 1
+    rows["pos"] += 1
+    yield chunk
     head = P  # the slot the next step writes, counted without wrapping
     windows = False  # a learned position table and a row past block_size: see _window_step
-    want = 1  # the first token alone, then chunk_tokens at a time
+    want = chunk_tokens
     while rows["live"].any():
         chunk, got = [[] for _ in seqs], 0
         while got < want and rows["live"].any():
@@ -113,7 +121,6 @@ def generate_stream(
                 new_so_far.extend(new)
             got += int(n)
         yield chunk
-        want = chunk_tokens
 
 
 def _take(seqs: list[list[int]], rows: dict, n, picked: dict, state: dict) -> list[list[int]]:
@@ -126,14 +133,14 @@ def _take(seqs: list[list[int]], rows: dict, n, picked: dict, state: dict) -> li
     return chunk
 
 
-def _left_padded(seqs: list[list[int]], B: int, L: int):
-    """Each sequence but its last token, left-padded to L tokens, with its positions (-1
-    where padding), for `decode.prefill`; rows past the sequences are padding."""
+def _left_padded(seqs: list[list[int]], B: int, L: int, whole: bool = False):
+    """Each sequence but its last token (or `whole`), left-padded to L tokens, with its
+    positions (-1 where padding), for `decode.prefill`; rows past the sequences are padding."""
     tokens_BL, pos_BL = np.zeros((B, L), np.int32), np.full((B, L), -1, np.int32)
     for i, seq in enumerate(seqs):
-        n = len(seq) - 1
-        if n:
-            tokens_BL[i, L - n:], pos_BL[i, L - n:] = seq[:-1], np.arange(n)
+        seq = seq if whole else seq[:-1]
+        if seq:
+            tokens_BL[i, L - len(seq):], pos_BL[i, L - len(seq):] = seq, np.arange(len(seq))
     return tokens_BL, pos_BL
 
 
