@@ -271,6 +271,12 @@ def sample(logits_BV, n_B, rows: dict):
     return jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), sampled_B)
 
 
+def still_live(live_B, tok_B, n_B, rows: dict):
+    """Whether each row stays live after picking `tok_B` as its new token `n_B`: not after
+    one of its stop tokens or its max_tokens-th token (numpy or jax arrays)."""
+    return live_B & ~(tok_B[:, None] == rows["stop"]).any(-1) & (n_B + 1 < rows["max_tokens"])
+
+
 def _logprobs(logits_BV, tok_B, want_B):
     """The log-probability of each picked token and its TOP_LOGPROBS most likely
     alternatives (zeros unless some row wants them; `want_B` None: none can)."""
@@ -326,9 +332,7 @@ def decode(params, cache, head, rows: dict, until, cfg: GPTConfig, steps: int, u
         picked = {"tokens": tok_B, "live": live_B, "logprob": logprob_B, "top_ids": top_ids_BN,
                   "top_logprobs": top_logprobs_BN}
         out = {name: a.at[:, k].set(picked[name]) for name, a in out.items()}
-        stopped_B = jnp.any(tok_B[:, None] == rows["stop"], axis=-1)
-        next_live_B = live_B & ~stopped_B & (n_B + 1 < rows["max_tokens"])
-        return k + 1, (cache, tok_B, pos_B + 1, n_B + 1, next_live_B), out
+        return k + 1, (cache, tok_B, pos_B + 1, n_B + 1, still_live(live_B, tok_B, n_B, rows)), out
 
     carry = (jnp.int32(0), (cache, rows["last"], rows["pos"], rows["n"], rows["live"]), out)
     k, (cache, *state), out = jax.lax.while_loop(running, step, carry)

@@ -93,7 +93,7 @@ def generate_stream(
     chunk = [[int(first_B[i])] for i in range(len(seqs))]
     for seq, new in zip(seqs, chunk):
         seq.extend(new)
-    rows["live"] &= ~(first_B[:, None] == rows["stop"]).any(-1) & (rows["max_tokens"] > 1)
+    rows["live"] = decode.still_live(rows["live"], first_B, rows["n"], rows)
     rows["last"], rows["n"] = first_B, rows["n"] + 1
     rows["pos"] += 1
     yield chunk
