@@ -230,7 +230,7 @@ def test_bfloat16_params_keep_a_bfloat16_cache():
     positions_BT = jnp.broadcast_to(jnp.arange(12), (2, 12))
     cache = decode.init_cache(cfg, 2, 16, params["wte"].dtype)
     logits, cache = jax.jit(decode.forward, static_argnums=5)(params, tokens_BT, positions_BT, cache, 0, cfg)
-    assert all(a.dtype == jnp.bfloat16 for a in cache["k_BGSK"] + cache["v_BGSK"]) and logits.dtype == jnp.float32
+    assert all(a.dtype == jnp.bfloat16 for a in cache["k_NSK"] + cache["v_NSK"]) and logits.dtype == jnp.float32
     expected = jax.jit(model.forward, static_argnums=2)(params, tokens_BT, cfg)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=0.15, rtol=0.05)
 

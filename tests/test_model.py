@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxgpt import model
 from jaxgpt.config import GPTConfig
@@ -51,10 +52,13 @@ def test_masked_loss_is_mean_over_kept_positions():
     np.testing.assert_allclose(got, nll[mask == 1].mean(), rtol=1e-5)
 
 
-def test_attention_equals_plain_softmax_attention():
+@pytest.mark.parametrize("G", [4, 2])  # key/value heads for 4 query heads
+def test_attention_equals_plain_softmax_attention(G):
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(kk, (2, 16, 2, 8)) for kk in (k1, k2, k3))
-    fused = model.attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), math.sqrt(8))
+    q = jax.random.normal(k1, (2, 16, 4, 8))
+    k, v = (jax.random.normal(kk, (2, 16, G, 8)) for kk in (k2, k3))
+    fused = model.attention(q, model.heads_first(k), model.heads_first(v), math.sqrt(8))
+    k, v = jnp.repeat(k, 4 // G, axis=2), jnp.repeat(v, 4 // G, axis=2)  # query head h uses key head h // (4 / G)
     s = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(8)
     s = jnp.where(jnp.tril(jnp.ones((16, 16), bool)), s, -jnp.inf)
     plain = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(s, -1), v)

@@ -41,28 +41,22 @@ def pow2_bucket(n: int, minimum: int = 1) -> int:
 
 def init_cache(cfg: GPTConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
     """An empty cache of `slots` slots per row, its keys and values in `dtype` (the compute
-    dtype: the params'). Each layer has its own keys and values [batch, key/value head,
-    slot, head width], the layout `model.attention` takes."""
+    dtype: the params'). Each layer has its own keys and values [N, S, K], N = batch · key/value
+    heads, the layout `model.attention` takes."""
     _, G, K = model.head_dims(cfg)
-    shape = (batch, G, slots, K)
+    shape = (batch * G, slots, K)
     return {
-        "k_BGSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
-        "v_BGSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
+        "k_NSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
+        "v_NSK": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
         "pos_BS": jnp.full((batch, slots), -1, jnp.int32),
     }
 
 
-def _slot_axes(path) -> tuple[int, int] | None:
-    """(batch axis, slot axis) of a cache leaf, read from the shape suffix of its name
-    ("k_BGSK": 0 and 2)."""
-    name = next(str(p.key) for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
-    axes = name.rsplit("_", 1)[-1]
-    return axes.index("B"), axes.index("S")
-
-
-def _map_slots(fn, *caches):
-    """`fn(batch_axis, slot_axis, *leaves)` over the leaves of `caches`."""
-    return jax.tree_util.tree_map_with_path(lambda path, *leaves: fn(*_slot_axes(path), *leaves), *caches)
+def _map_rows(fn, *caches):
+    """`fn(per_row, *leaves)` over the leaves of `caches`. Every leaf holds the rows on axis 0,
+    `per_row` entries each (1, or a row's key/value heads), and the slots on axis 1."""
+    rows = caches[0]["pos_BS"].shape[0]
+    return jax.tree.map(lambda *leaves: fn(leaves[0].shape[0] // rows, *leaves), *caches)
 
 
 def float_dtype(tree):
@@ -83,15 +77,15 @@ def hidden(params, tokens_BT, positions_BT, cache: dict, at, cfg: GPTConfig):
         x_BTD = x_BTD + params["wpe"][jnp.clip(positions_BT, 0, cfg.block_size - 1)]
     x_ND = x_BTD.reshape(B * T, -1)
     k_cache, v_cache = [], []
-    for layer, (p, k_BGSK, v_BGSK) in enumerate(zip(params["h"], cache["k_BGSK"], cache["v_BGSK"])):
+    for layer, (p, k_NSK, v_NSK) in enumerate(zip(params["h"], cache["k_NSK"], cache["v_NSK"])):
         q_BTHK, k_BTGK, v_BTGK = model.qkv(p, x_ND, positions_BT, cfg)
-        k_BGSK = jax.lax.dynamic_update_slice(k_BGSK, k_BTGK.transpose(0, 2, 1, 3), (0, 0, at, 0))
-        v_BGSK = jax.lax.dynamic_update_slice(v_BGSK, v_BTGK.transpose(0, 2, 1, 3), (0, 0, at, 0))
-        y_BTHK = model.attention(q_BTHK, k_BGSK, v_BGSK, model.score_divisor(cfg, layer), mask_B1TS=mask_B1TS)
+        k_NSK = jax.lax.dynamic_update_slice(k_NSK, model.heads_first(k_BTGK), (0, at, 0))
+        v_NSK = jax.lax.dynamic_update_slice(v_NSK, model.heads_first(v_BTGK), (0, at, 0))
+        y_BTHK = model.attention(q_BTHK, k_NSK, v_NSK, model.score_divisor(cfg, layer), mask_B1TS=mask_B1TS)
         x_ND = model.block_output(p, x_ND, y_BTHK, cfg)
-        k_cache.append(k_BGSK)
-        v_cache.append(v_BGSK)
-    return model.norm(params["ln_f"], x_ND, cfg), {"k_BGSK": k_cache, "v_BGSK": v_cache, "pos_BS": pos_BS}
+        k_cache.append(k_NSK)
+        v_cache.append(v_NSK)
+    return model.norm(params["ln_f"], x_ND, cfg), {"k_NSK": k_cache, "v_NSK": v_cache, "pos_BS": pos_BS}
 
 
 def forward(params, tokens_BT, positions_BT, cache: dict, at, cfg: GPTConfig):
@@ -123,19 +117,19 @@ def insert(cache, row_cache, row, head):
     """The batch cache with row `row` replaced by `row_cache` (one prefilled row of at most
     as many slots), rolled so that its last slot lies just before slot `head`."""
 
-    def place(b_axis, s_axis, big, small):
-        empty = jnp.full_like(jax.lax.slice_in_dim(big, 0, 1, axis=b_axis), -1 if big.dtype == jnp.int32 else 0)
-        row_cache = jax.lax.dynamic_update_slice_in_dim(empty, small, 0, s_axis)
-        row_cache = jnp.roll(row_cache, head - small.shape[s_axis], axis=s_axis)
-        return jax.lax.dynamic_update_slice_in_dim(big, row_cache, row, b_axis)
+    def place(per_row, big, small):
+        empty = jnp.full_like(big[:per_row], -1 if big.dtype == jnp.int32 else 0)
+        row_cache = jax.lax.dynamic_update_slice_in_dim(empty, small, 0, 1)
+        row_cache = jnp.roll(row_cache, head - small.shape[1], axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(big, row_cache, row * per_row, 0)
 
-    return _map_slots(place, cache, row_cache)
+    return _map_rows(place, cache, row_cache)
 
 
 @jax.jit
 def take_row(cache, row):
     """Row `row` of a cache, as a one-row cache."""
-    return _map_slots(lambda b_axis, s_axis, a: jax.lax.dynamic_slice_in_dim(a, row, 1, b_axis), cache)
+    return _map_rows(lambda per_row, a: jax.lax.dynamic_slice_in_dim(a, row * per_row, per_row, 0), cache)
 
 
 @functools.partial(jax.jit, static_argnames=("slots",))
@@ -143,16 +137,16 @@ def resize(cache, head, slots: int):
     """The cache rolled so that slot `head` (the oldest) comes first, then padded with empty
     slots (the next write goes to the old size) or cut to its newest `slots` slots (to 0)."""
 
-    def resize_leaf(b_axis, s_axis, old):
-        rolled = jnp.roll(old, -head, axis=s_axis)
-        S = old.shape[s_axis]
+    def resize_leaf(per_row, old):
+        rolled = jnp.roll(old, -head, axis=1)
+        S = old.shape[1]
         if slots <= S:
-            return jax.lax.slice_in_dim(rolled, S - slots, S, axis=s_axis)
+            return rolled[:, S - slots:]
         pad = [(0, 0)] * old.ndim
-        pad[s_axis] = (0, slots - S)
+        pad[1] = (0, slots - S)
         return jnp.pad(rolled, pad, constant_values=-1 if old.dtype == jnp.int32 else 0)
 
-    return _map_slots(resize_leaf, cache)
+    return _map_rows(resize_leaf, cache)
 
 
 def transpose_kernels(params):
@@ -309,7 +303,7 @@ def decode(params, cache, head, rows: dict, until, cfg: GPTConfig, steps: int, u
     the row was live when it was picked), and the rows' "last", "pos", "n" and "live" after
     the last step run, [used] each."""
     full = cache
-    cache = _map_slots(lambda b_axis, s_axis, a: jax.lax.slice_in_dim(a, 0, used, axis=b_axis), cache)
+    cache = _map_rows(lambda per_row, a: a[: used * per_row], cache)
     rows = {k: v[:used] for k, v in rows.items()}
     S = cache["pos_BS"].shape[1]
     zeros = lambda dtype, *shape: jnp.zeros((used, steps, *shape), dtype)  # noqa: E731
@@ -336,6 +330,5 @@ def decode(params, cache, head, rows: dict, until, cfg: GPTConfig, steps: int, u
 
     carry = (jnp.int32(0), (cache, rows["last"], rows["pos"], rows["n"], rows["live"]), out)
     k, (cache, *state), out = jax.lax.while_loop(running, step, carry)
-    cache = _map_slots(lambda b_axis, s_axis, big, a: jax.lax.dynamic_update_slice_in_dim(big, a, 0, b_axis),
-                       full, cache)
+    cache = _map_rows(lambda per_row, big, a: jax.lax.dynamic_update_slice_in_dim(big, a, 0, 0), full, cache)
     return cache, k, out, dict(zip(("last", "pos", "n", "live"), state))

@@ -83,7 +83,7 @@ def generate_stream(
         decode.set_row(rows, i, seq, max_new_tokens, cfg.vocab_size, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, row=i, stop=stop_tokens)
     dtype = decode.float_dtype(params)
-    decode_params = _transpose_kernels(params) if B > 1 else params  # read at every step: worth a copy
+    decode_params = _transpose_kernels(params)  # read at every step: worth a copy
     steps, greedy = pow2_bucket(chunk_tokens), temperature == 0
     max_slots = P + min(pow2_bucket(max_new_tokens, 16), bs)  # under rope, >= block_size once a row can pass it
     slots = min(2 * P, max_slots)
