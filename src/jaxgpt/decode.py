@@ -137,7 +137,7 @@ def resize(cache, head, slots: int):
     """The cache rolled so that slot `head` (the oldest) comes first, then padded with empty
     slots (the next write goes to the old size) or cut to its newest `slots` slots (to 0)."""
 
-    def resize_leaf(per_row, old):
+    def resize_leaf(old):
         rolled = jnp.roll(old, -head, axis=1)
         S = old.shape[1]
         if slots <= S:
@@ -146,14 +146,14 @@ def resize(cache, head, slots: int):
         pad[1] = (0, slots - S)
         return jnp.pad(rolled, pad, constant_values=-1 if old.dtype == jnp.int32 else 0)
 
-    return _map_rows(resize_leaf, cache)
+    return jax.tree.map(resize_leaf, cache)
 
 
 def transpose_kernels(params):
     """The params with every block's kernel stored [out, in] (as `kernel_T`), for decoding
-    a few rows at a time: XLA:CPU multiplies 2-16 rows by a large weight ~1.3x faster with
-    the weight as the left operand (measured on GPT-2 124M at 8 rows). The barrier in
-    `model._dense` keeps XLA from folding the transposes back into the original dot."""
+    1-16 rows at a time: XLA:CPU multiplies them by a large weight faster with the weight as
+    the left operand (GPT-2 124M's mat-vecs 1.2x at 1 row, ~1.3x at 8 rows). The barrier
+    in `model._dense` keeps XLA from folding the transposes back into the original dot."""
 
     def dense_T(p):
         if "kernel" not in p:  # a norm
@@ -330,5 +330,5 @@ def decode(params, cache, head, rows: dict, until, cfg: GPTConfig, steps: int, u
 
     carry = (jnp.int32(0), (cache, rows["last"], rows["pos"], rows["n"], rows["live"]), out)
     k, (cache, *state), out = jax.lax.while_loop(running, step, carry)
-    cache = _map_rows(lambda per_row, big, a: jax.lax.dynamic_update_slice_in_dim(big, a, 0, 0), full, cache)
+    cache = jax.tree.map(lambda big, a: jax.lax.dynamic_update_slice_in_dim(big, a, 0, 0), full, cache)
     return cache, k, out, dict(zip(("last", "pos", "n", "live"), state))
