@@ -53,11 +53,15 @@ def test_masked_loss_is_mean_over_kept_positions():
 
 
 @pytest.mark.parametrize("G", [4, 2])  # key/value heads for 4 query heads
-def test_attention_equals_plain_softmax_attention(G):
+@pytest.mark.parametrize("merged", [False, True])  # keys and values [B, G, S, K] or (the cache's) [B·G, S, K]
+def test_attention_equals_plain_softmax_attention(G, merged):
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(k1, (2, 16, 4, 8))
     k, v = (jax.random.normal(kk, (2, 16, G, 8)) for kk in (k2, k3))
-    fused = model.attention(q, model.heads_first(k), model.heads_first(v), math.sqrt(8))
+    k_xSK, v_xSK = (a.transpose(0, 2, 1, 3) for a in (k, v))
+    if merged:
+        k_xSK, v_xSK = (a.reshape(2 * G, 16, 8) for a in (k_xSK, v_xSK))
+    fused = model.attention(q, k_xSK, v_xSK, math.sqrt(8))
     k, v = jnp.repeat(k, 4 // G, axis=2), jnp.repeat(v, 4 // G, axis=2)  # query head h uses key head h // (4 / G)
     s = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(8)
     s = jnp.where(jnp.tril(jnp.ones((16, 16), bool)), s, -jnp.inf)

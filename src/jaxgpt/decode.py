@@ -79,8 +79,9 @@ def hidden(params, tokens_BT, positions_BT, cache: dict, at, cfg: GPTConfig):
     k_cache, v_cache = [], []
     for layer, (p, k_NSK, v_NSK) in enumerate(zip(params["h"], cache["k_NSK"], cache["v_NSK"])):
         q_BTHK, k_BTGK, v_BTGK = model.qkv(p, x_ND, positions_BT, cfg)
-        k_NSK = jax.lax.dynamic_update_slice(k_NSK, model.heads_first(k_BTGK), (0, at, 0))
-        v_NSK = jax.lax.dynamic_update_slice(v_NSK, model.heads_first(v_BTGK), (0, at, 0))
+        k_NTK, v_NTK = (a.transpose(0, 2, 1, 3).reshape(k_NSK.shape[0], T, -1) for a in (k_BTGK, v_BTGK))
+        k_NSK = jax.lax.dynamic_update_slice(k_NSK, k_NTK, (0, at, 0))
+        v_NSK = jax.lax.dynamic_update_slice(v_NSK, v_NTK, (0, at, 0))
         y_BTHK = model.attention(q_BTHK, k_NSK, v_NSK, model.score_divisor(cfg, layer), mask_B1TS=mask_B1TS)
         x_ND = model.block_output(p, x_ND, y_BTHK, cfg)
         k_cache.append(k_NSK)

@@ -159,38 +159,32 @@ def attention_implementation(q_BTHK) -> str | None:
     return "cudnn" if _cudnn_attention_compiles(tuple(q_BTHK.shape), q_BTHK.dtype) else None
 
 
-def attention(q_BTHK, k_NSK, v_NSK, divisor: float, rate: float = 0.0, key: jax.Array | None = None,
+def attention(q_BTHK, k_xSK, v_xSK, divisor: float, rate: float = 0.0, key: jax.Array | None = None,
               mask_B1TS: jax.Array | None = None) -> jax.Array:
     """Softmax attention of scores q·k / `divisor` over S key positions, causal (T = S) or
     where `mask_B1TS` allows (a KV cache's slots, see `jaxgpt.decode`); each of the G
     key/value heads serves H / G query heads. Scores and softmax are float32 whatever the
-    inputs' dtype. Keys and values come [N, S, K] with N = B·G (row b's heads at N = b·G ...
-    b·G + G - 1), the layout the KV cache is stored in: the dots then read a cache updated
-    in place as it is, where with [B, G, S, K] XLA:CPU copied every layer's whole cache at
-    every decode step. Without dropout or mask on a GPU, cuDNN's fused attention where it
-    applies."""
+    inputs' dtype. Keys and values come [B, G, S, K] (training: the heads stay an axis of
+    their own, so their split over the `tensor` mesh axis stays as it is) or [B·G, S, K]
+    (the KV cache: XLA:CPU's batched dots then read a cache updated in place as it is,
+    where from [B, G, S, K] it copied every layer's whole cache at every decode step).
+    Without dropout or mask on a GPU, cuDNN's fused attention where it applies."""
     B, T, H, K = q_BTHK.shape
-    N, S, _ = k_NSK.shape
-    G = N // B
+    *lead, S, _ = k_xSK.shape
+    G = math.prod(lead) // B
     R = H // G  # query heads per key/value head
     if (key is None or rate == 0.0) and mask_B1TS is None and attention_implementation(q_BTHK) == "cudnn":
-        k_BSGK, v_BSGK = (a.reshape(B, G, S, K).transpose(0, 2, 1, 3) for a in (k_NSK, v_NSK))
+        k_BSGK, v_BSGK = (a.reshape(B, G, S, K).transpose(0, 2, 1, 3) for a in (k_xSK, v_xSK))
         return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=1 / divisor, is_causal=True,
                                             implementation="cudnn")
-    q_NMK = q_BTHK.reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4).reshape(N, R * T, K)  # M: (R, T)
-    s_NMS = jnp.einsum("nmk,nsk->nms", q_NMK, k_NSK, preferred_element_type=jnp.float32)
-    s_BGRTS = s_NMS.reshape(B, G, R, T, S) * jnp.float32(1 / divisor)
+    q_xMK = q_BTHK.reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4).reshape(*lead, R * T, K)  # M: (R, T)
+    s_xMS = jnp.einsum("...mk,...sk->...ms", q_xMK, k_xSK, preferred_element_type=jnp.float32)
+    s_BGRTS = s_xMS.reshape(B, G, R, T, S) * jnp.float32(1 / divisor)
     mask_B11TS = jnp.tril(jnp.ones((T, S), bool))[None, None, None] if mask_B1TS is None else mask_B1TS[:, :, None]
     p_BGRTS = jax.nn.softmax(jnp.where(mask_B11TS, s_BGRTS, jnp.finfo(jnp.float32).min), axis=-1)
-    p_NMS = _dropout(p_BGRTS, rate, key).astype(v_NSK.dtype).reshape(N, R * T, S)
-    y_BGRTK = jnp.einsum("nms,nsk->nmk", p_NMS, v_NSK).reshape(B, G, R, T, K)
+    p_xMS = _dropout(p_BGRTS, rate, key).astype(v_xSK.dtype).reshape(*lead, R * T, S)
+    y_BGRTK = jnp.einsum("...ms,...sk->...mk", p_xMS, v_xSK).reshape(B, G, R, T, K)
     return y_BGRTK.transpose(0, 3, 1, 2, 4).reshape(B, T, H, K)
-
-
-def heads_first(x_BTGK: jax.Array) -> jax.Array:
-    """Keys or values [B, T, G, K] as `attention` takes them: [B·G, T, K]."""
-    B, T, G, K = x_BTGK.shape
-    return x_BTGK.transpose(0, 2, 1, 3).reshape(B * G, T, K)
 
 
 def _rope(x_BTHK: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
@@ -247,7 +241,8 @@ def block_output(p: dict, x_ND: jax.Array, y_BTHK: jax.Array, cfg: GPTConfig, ke
 def _block(p: dict, x_ND: jax.Array, positions_BT, cfg: GPTConfig, layer: int, key: jax.Array | None) -> jax.Array:
     k_attn, *k_resid = jax.random.split(key, 3) if key is not None else (None,) * 3
     q_BTHK, k_BTGK, v_BTGK = qkv(p, x_ND, positions_BT, cfg)
-    y_BTHK = attention(q_BTHK, heads_first(k_BTGK), heads_first(v_BTGK), score_divisor(cfg, layer), cfg.dropout, k_attn)
+    k_BGTK, v_BGTK = k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3)
+    y_BTHK = attention(q_BTHK, k_BGTK, v_BGTK, score_divisor(cfg, layer), cfg.dropout, k_attn)
     return block_output(p, x_ND, y_BTHK, cfg, k_resid)
 
 
