@@ -13,8 +13,8 @@ order, so a prompt's cache goes into its row just behind the head (rolled into p
 the row's later tokens follow it; a row that needs at most ring-size slots is never
 overwritten while it lives. The ring grows (and shrinks back) in powers of two from 256, so
 attention reads about as many slots as the longest live request needs, not the whole
-context (GPT-2 124M, 16 rows: ~95 ms a step at 256 slots, ~140 at 512, ~235 at 1024 on
-this 2-core CPU, loaded).
+context (GPT-2 124M, 16 rows: ~48 ms a step at 256 slots, ~62 at 512, ~85 at 1024 on a
+quiet 2-core AMD EPYC).
 
 The prefill writes all of a prompt but its last token; the first decode step feeds that
 token and picks the first new one, so the prefill needs no output layer.
