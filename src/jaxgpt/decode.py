@@ -32,6 +32,7 @@ from jaxgpt import model
 from jaxgpt.config import GPTConfig
 
 TOP_LOGPROBS = 5  # the most alternatives listed with a token's logprob
+STATE = ("last", "pos", "n", "live")  # the entries of `rows` (see `new_rows`) that a step changes
 
 
 def pow2_bucket(n: int, minimum: int = 1) -> int:
@@ -57,6 +58,11 @@ def _map_rows(fn, *caches):
     `per_row` entries each (1, or a row's key/value heads), and the slots on axis 1."""
     rows = caches[0]["pos_BS"].shape[0]
     return jax.tree.map(lambda *leaves: fn(leaves[0].shape[0] // rows, *leaves), *caches)
+
+
+def _empty(a) -> int:
+    """What an empty slot holds: position -1, keys and values 0."""
+    return -1 if a.dtype == jnp.int32 else 0
 
 
 def float_dtype(tree):
@@ -107,10 +113,11 @@ def prefill(params, cache, tokens_BT, positions_BT, at, cfg: GPTConfig):
 def prefill_and_pick(params, cache, tokens_BT, positions_BT, at, rows: dict, cfg: GPTConfig, greedy: bool):
     """`prefill` of whole prompts (left-padded, so each ends at the last slot written) that
     also picks each row's first new token from its last position, as `decode` would: one
-    read of the weights before the first token instead of two. Returns (cache, tokens [B])."""
+    read of the weights before the first token instead of two. Returns (cache, tokens [B],
+    the rows' state after them, as `decode` returns it)."""
     h_ND, cache = hidden(params, tokens_BT, positions_BT, cache, at, cfg)
-    logits_BV = last_logits(params, h_ND, tokens_BT.shape[0], cfg)
-    return cache, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32) if greedy else sample(logits_BV, rows["n"], rows)
+    state = {k: rows[k] for k in STATE}
+    return cache, *_advance(last_logits(params, h_ND, tokens_BT.shape[0], cfg), state, rows, greedy)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -119,7 +126,7 @@ def insert(cache, row_cache, row, head):
     as many slots), rolled so that its last slot lies just before slot `head`."""
 
     def place(per_row, big, small):
-        empty = jnp.full_like(big[:per_row], -1 if big.dtype == jnp.int32 else 0)
+        empty = jnp.full_like(big[:per_row], _empty(big))
         row_cache = jax.lax.dynamic_update_slice_in_dim(empty, small, 0, 1)
         row_cache = jnp.roll(row_cache, head - small.shape[1], axis=1)
         return jax.lax.dynamic_update_slice_in_dim(big, row_cache, row * per_row, 0)
@@ -145,7 +152,7 @@ def resize(cache, head, slots: int):
             return rolled[:, S - slots:]
         pad = [(0, 0)] * old.ndim
         pad[1] = (0, slots - S)
-        return jnp.pad(rolled, pad, constant_values=-1 if old.dtype == jnp.int32 else 0)
+        return jnp.pad(rolled, pad, constant_values=_empty(old))
 
     return jax.tree.map(resize_leaf, cache)
 
@@ -266,10 +273,14 @@ def sample(logits_BV, n_B, rows: dict):
     return jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), sampled_B)
 
 
-def still_live(live_B, tok_B, n_B, rows: dict):
-    """Whether each row stays live after picking `tok_B` as its new token `n_B`: not after
-    one of its stop tokens or its max_tokens-th token (numpy or jax arrays)."""
-    return live_B & ~(tok_B[:, None] == rows["stop"]).any(-1) & (n_B + 1 < rows["max_tokens"])
+def _advance(logits_BV, state: dict, rows: dict, greedy: bool):
+    """Each row's next token (argmax under `greedy`, else `sample`) and the rows' state after
+    it: the token is fed next, at the next position, and the row stays live unless it was one
+    of its stop tokens or its max_tokens-th."""
+    n_B = state["n"]
+    tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32) if greedy else sample(logits_BV, n_B, rows)
+    live_B = state["live"] & ~(tok_B[:, None] == rows["stop"]).any(-1) & (n_B + 1 < rows["max_tokens"])
+    return tok_B, {"last": tok_B, "pos": state["pos"] + 1, "n": n_B + 1, "live": live_B}
 
 
 def _logprobs(logits_BV, tok_B, want_B):
@@ -312,24 +323,25 @@ def decode(params, cache, head, rows: dict, until, cfg: GPTConfig, steps: int, u
            "top_ids": zeros(jnp.int32, TOP_LOGPROBS), "top_logprobs": zeros(jnp.float32, TOP_LOGPROBS)}
 
     def running(c):
-        k, (_, _, pos_B, _, live_B), _ = c
-        fits = jnp.all(~live_B | (pos_B < cfg.block_size)) if cfg.pos == "learned" else True
+        k, _, state, _ = c
+        live_B = state["live"]
+        fits = jnp.all(~live_B | (state["pos"] < cfg.block_size)) if cfg.pos == "learned" else True
         return (k < jnp.minimum(until, steps)) & jnp.any(live_B) & fits
 
     def step(c):
-        k, (cache, last_B, pos_B, n_B, live_B), out = c
-        h_ND, cache = hidden(params, last_B[:, None], jnp.where(live_B, pos_B, -1)[:, None], cache, (head + k) % S,
-                             cfg)
+        k, cache, state, out = c
+        live_B = state["live"]
+        h_ND, cache = hidden(params, state["last"][:, None], jnp.where(live_B, state["pos"], -1)[:, None], cache,
+                             (head + k) % S, cfg)
         logits_BV = last_logits(params, h_ND, used, cfg)
-        tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32) if greedy else sample(logits_BV, n_B, rows)
+        tok_B, next_state = _advance(logits_BV, state, rows, greedy)
         want_B = rows["logprobs"] & live_B if logprobs else None
         logprob_B, top_ids_BN, top_logprobs_BN = _logprobs(logits_BV, tok_B, want_B)
         picked = {"tokens": tok_B, "live": live_B, "logprob": logprob_B, "top_ids": top_ids_BN,
                   "top_logprobs": top_logprobs_BN}
         out = {name: a.at[:, k].set(picked[name]) for name, a in out.items()}
-        return k + 1, (cache, tok_B, pos_B + 1, n_B + 1, still_live(live_B, tok_B, n_B, rows)), out
+        return k + 1, cache, next_state, out
 
-    carry = (jnp.int32(0), (cache, rows["last"], rows["pos"], rows["n"], rows["live"]), out)
-    k, (cache, *state), out = jax.lax.while_loop(running, step, carry)
+    k, cache, state, out = jax.lax.while_loop(running, step, (jnp.int32(0), cache, {k: rows[k] for k in STATE}, out))
     cache = jax.tree.map(lambda big, a: jax.lax.dynamic_update_slice_in_dim(big, a, 0, 0), full, cache)
-    return cache, k, out, dict(zip(("last", "pos", "n", "live"), state))
+    return cache, k, out, state

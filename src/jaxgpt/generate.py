@@ -87,15 +87,14 @@ def generate_stream(
     steps, greedy = pow2_bucket(chunk_tokens), temperature == 0
     max_slots = P + min(pow2_bucket(max_new_tokens, 16), bs)  # under rope, >= block_size once a row can pass it
     slots = min(2 * P, max_slots)
-    cache, first_B = decode.prefill_and_pick(params, decode.init_cache(cfg, B, slots, dtype),
-                                             *_left_padded(seqs, B, P, whole=True), np.int32(0), rows, cfg, greedy)
-    first_B = np.array(first_B)
+    cache, first_B, state = decode.prefill_and_pick(params, decode.init_cache(cfg, B, slots, dtype),
+                                                    *_left_padded(seqs, B, P, whole=True), np.int32(0), rows, cfg,
+                                                    greedy)
+    first_B, state = jax.device_get((first_B, state))
     chunk = [[int(first_B[i])] for i in range(len(seqs))]
     for seq, new in zip(seqs, chunk):
         seq.extend(new)
-    rows["live"] = decode.still_live(rows["live"], first_B, rows["n"], rows)
-    rows["last"], rows["n"] = first_B, rows["n"] + 1
-    rows["pos"] += 1
+    rows |= {k: np.array(v) for k, v in state.items()}
     yield chunk
     head = P  # the slot the next step writes, counted without wrapping
     windows = False  # a learned position table and a row past block_size: see _window_step
@@ -107,11 +106,10 @@ def generate_stream(
             if windows:
                 n, picked, state = _window_step(params, decode_params, seqs, rows, cfg, steps, greedy)
             else:
-                ring = cfg.pos == "rope" and slots >= bs  # the cache slides: a slot is free once out of every window
-                if head == slots and not ring:
+                if head == slots and not (cfg.pos == "rope" and slots >= bs):
                     slots = min(4 * slots, max_slots)
                     cache = decode.resize(cache, np.int32(0), slots)
-                    ring = cfg.pos == "rope" and slots >= bs
+                ring = cfg.pos == "rope" and slots >= bs  # the cache slides: a slot is free once out of every window
                 until = np.int32(want - got if ring else min(want - got, slots - head))
                 cache, n, picked, state = decode.decode(decode_params, cache, np.int32(head % slots), rows, until, cfg,
                                                         steps, B, greedy, logprobs=False)
