@@ -195,7 +195,7 @@ class Engine:
         self.ring = self.ring_sizes[0]
         self.cache = decode.init_cache(cfg, B, self.ring, self.dtype)
         self.head = 0
-        self._prefilling = None  # (seq, prompt cache, next chunk start, chunk starts)
+        self._prefilling = None  # (seq, prompt cache, the chunks left to prefill)
         self.host = decode.new_rows(B, cfg.vocab_size)
         self._compile()
 
@@ -211,7 +211,7 @@ class Engine:
             C = min(L, PREFILL_CHUNK)
             prompt_cache = decode.init_cache(self.cfg, P, L, self.dtype)
             prompt_cache = decode.prefill(self.params, prompt_cache, np.zeros((P, C), np.int32),
-                                    np.full((P, C), -1, np.int32), np.int32(0), self.cfg)
+                                          np.full((P, C), -1, np.int32), np.int32(0), self.cfg)
             if P > 1:
                 decode.take_row(prompt_cache, np.int32(0))
         for ring in self.ring_sizes:
@@ -279,8 +279,8 @@ class Engine:
                     n = len(heads[i])
                     if n:
                         tokens_PL[r, L - n:], pos_PL[r, L - n:] = heads[i], np.arange(n)
-                cache = decode.prefill(self.params, decode.init_cache(self.cfg, len(idx), L, self.dtype), tokens_PL, pos_PL,
-                                 np.int32(0), self.cfg)
+                cache = decode.init_cache(self.cfg, len(idx), L, self.dtype)
+                cache = decode.prefill(self.params, cache, tokens_PL, pos_PL, np.int32(0), self.cfg)
                 computed += tokens_PL.size
                 for r, i in enumerate(idx):
                     if seqs[i].cancelled:
