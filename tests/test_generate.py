@@ -235,13 +235,14 @@ def test_bfloat16_params_keep_a_bfloat16_cache():
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=0.15, rtol=0.05)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("cfg", [CHAR, GPT2], ids=["char", "gpt2"])
-def test_bfloat16_greedy_equals_argmax_of_forward(cfg):
+def test_bfloat16_greedy_equals_argmax_of_forward(cfg, rows):
     """Greedy generation on bfloat16 params picks, at every step, the argmax of the full
     bfloat16 forward over the tokens so far (attention scores, softmax and logits float32
-    on both paths)."""
+    on both paths). One row decodes with its own mat-vecs (`model.narrow_matvec`)."""
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params(cfg))
-    prompts = PROMPTS[:2]
+    prompts = PROMPTS[:rows]
     out = generate(params, cfg, prompts, max_new_tokens=12, temperature=0)
     for prompt, new in zip(prompts, out):
         seq = np.array([prompt + new], np.int32)

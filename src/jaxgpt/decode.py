@@ -179,6 +179,8 @@ def last_logits(params, h_ND, B: int, cfg: GPTConfig) -> jax.Array:
     """Float32 logits [B, V] of each row's last position. The output layer [V, D] is the
     left operand, as stored: on the right, XLA:CPU copies its transpose at every step."""
     h_BD, head_VD = h_ND.reshape(B, -1, h_ND.shape[-1])[:, -1], model.output_embedding(params)
+    if B == 1 and head_VD.dtype != jnp.float32:
+        return model.softcap(model.narrow_matvec(h_BD.astype(jnp.float32), head_VD), cfg)
     logits_VB = jnp.matmul(head_VD, h_BD.T, preferred_element_type=jnp.float32)
     return model.softcap(jax.lax.optimization_barrier(logits_VB).T, cfg)
 
