@@ -2,8 +2,8 @@
 
 GPT-2 124M shape, random weights saved with jaxgpt.save_hf and converted to f32 and f16
 GGUF files with llama.cpp's own convert_hf_to_gguf.py; float32 on the CPU, greedy, a
-16-token prompt, 256 new tokens. Batch 1: the three engines (and llama.cpp on the f16
-file), each the best of 3 runs, alternated twice. Batch 8: jaxgpt and transformers (the
+16-token prompt, 256 new tokens. Batch 1: the three engines, and jaxgpt on bfloat16
+weights beside llama.cpp on the f16 file, each the best of 3 runs, alternated twice. Batch 8: jaxgpt and transformers (the
 llama-cpp-python API decodes one sequence). Also whether llama.cpp's first 32 greedy
 tokens equal jaxgpt's.
 
@@ -31,6 +31,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -115,6 +116,7 @@ def main():
         src = llama_src(args.llama_src, tmp / "sdist")
         ggufs = {t: convert(src, hf_dir, t) for t in ("f32", "f16")}
         cfg, params = jaxgpt.load_hf(hf_dir)
+        params_bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)  # what --dtype bfloat16 loads
         hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
         hf.generation_config.eos_token_id = None  # always generate all N tokens
         hf.generation_config.pad_token_id = 0
@@ -124,8 +126,8 @@ def main():
         rng = np.random.default_rng(0)
         prompts = {B: rng.integers(0, cfg.vocab_size, (B, P)).tolist() for B in (1, 8)}
 
-        def run_jax(B, n=N):
-            return jaxgpt.generate(params, cfg, prompts[B], n, temperature=0)
+        def run_jax(B, n=N, weights=params):
+            return jaxgpt.generate(weights, cfg, prompts[B], n, temperature=0)
 
         def run_hf(B):
             with torch.inference_mode():
@@ -143,7 +145,8 @@ def main():
 
         engines = {
             1: {"jaxgpt": lambda: run_jax(1), "llama.cpp f32": lambda: run_llama("f32"),
-                "transformers": lambda: run_hf(1), "llama.cpp f16 (f16 weights)": lambda: run_llama("f16")},
+                "transformers": lambda: run_hf(1), "jaxgpt bfloat16 weights": lambda: run_jax(1, weights=params_bf16),
+                "llama.cpp f16 (f16 weights)": lambda: run_llama("f16")},
             8: {"jaxgpt": lambda: run_jax(8), "transformers": lambda: run_hf(8)},
         }
         for B in engines:  # compile and warm up
@@ -182,6 +185,7 @@ def main():
                   f"{B * 1e3 / max(v):.1f} | {cpu} |")
     best = {B: {name: max(v) for name, v in tok_s[B].items()} for B in tok_s}
     print(f"batch 1: jaxgpt / llama.cpp f32 = {best[1]['jaxgpt'] / best[1]['llama.cpp f32']:.2f}x; "
+          f"jaxgpt bfloat16 / llama.cpp f16 = {best[1]['jaxgpt bfloat16 weights'] / best[1]['llama.cpp f16 (f16 weights)']:.2f}x; "
           f"batch 8: jaxgpt / transformers = {best[8]['jaxgpt'] / best[8]['transformers']:.2f}x ({cpu})")
 
 
