@@ -637,6 +637,31 @@ def test_engine_serves_modern_architectures():
     assert got[3] == generate(params, cfg, [prompts[0]] * 2, 20, temperature=1.0, top_k=20, seed=3)[1]
 
 
+def test_engine_decodes_bfloat16_weights():
+    """serve --dtype bfloat16: a greedy request alone in the engine (one row, decoded with
+    model.narrow_matvec) picks the argmax of the bfloat16 full forward at every step."""
+    import queue
+
+    cfg = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=97)
+    leaves, tree = jax.tree.flatten(model.init_params(cfg, jax.random.key(0)))
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(tree, [(x + 0.3 * jax.random.normal(k, x.shape)).astype("bfloat16")
+                                       for x, k in zip(leaves, keys)])
+    engine = Engine(params, cfg, slots=1)
+    engine.start()
+    engine.ready.wait()
+    out, prompt = queue.Queue(), [5, 6, 7, 8]
+    try:
+        engine.submit([Sequence(prompt, 12, lambda k, payload: out.put((k, payload)), temperature=0)])
+        new = []
+        while (event := out.get(timeout=60))[0] == "tokens":
+            new += event[1][0]
+    finally:
+        engine.stop()
+    logits_TV = model.forward(params, np.array([prompt + new], np.int32), cfg)[0]
+    assert np.argmax(np.asarray(logits_TV[len(prompt) - 1 : -1]), axis=-1).tolist() == new
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
