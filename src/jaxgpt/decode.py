@@ -161,7 +161,8 @@ def transpose_kernels(params):
     """The params with every block's kernel stored [out, in] (as `kernel_T`), for decoding
     1-16 rows at a time: XLA:CPU multiplies them by a large weight faster with the weight as
     the left operand (GPT-2 124M's mat-vecs 1.2x at 1 row, ~1.3x at 8 rows). The barrier
-    in `model._dense` keeps XLA from folding the transposes back into the original dot."""
+    in `model._dense` keeps XLA from folding the transposes back into the original dot.
+    One row on bfloat16 weights goes through `model.narrow_matvec` instead."""
 
     def dense_T(p):
         if "kernel" not in p:  # a norm
@@ -177,7 +178,8 @@ def transpose_kernels(params):
 
 def last_logits(params, h_ND, B: int, cfg: GPTConfig) -> jax.Array:
     """Float32 logits [B, V] of each row's last position. The output layer [V, D] is the
-    left operand, as stored: on the right, XLA:CPU copies its transpose at every step."""
+    left operand, as stored: on the right, XLA:CPU copies its transpose at every step (one
+    row on bfloat16 weights: `model.narrow_matvec`)."""
     h_BD, head_VD = h_ND.reshape(B, -1, h_ND.shape[-1])[:, -1], model.output_embedding(params)
     if B == 1 and head_VD.dtype != jnp.float32:
         return model.softcap(model.narrow_matvec(h_BD.astype(jnp.float32), head_VD), cfg)
