@@ -205,8 +205,8 @@ class Engine:
         t0 = time.perf_counter()
         buckets = [16 << i for i in range(32) if 16 << i <= max(16, pow2_bucket(self.cfg.block_size))]
         lengths = sorted(set(buckets) | set(self.short_buckets))
-        prefill_shapes = [(P, L) for L in lengths for P in PREFILL_ROWS
-                          if P == 1 or (L <= PREFILL_CHUNK and P * L <= PREFILL_TOKENS)]
+        prefill_shapes = [(P, L) for L in lengths for P in PREFILL_ROWS  # a call fills free rows: P <= slots
+                          if P == 1 or (P <= self.slots and L <= PREFILL_CHUNK and P * L <= PREFILL_TOKENS)]
         for P, L in prefill_shapes:
             C = min(L, PREFILL_CHUNK)
             prompt_cache = decode.init_cache(self.cfg, P, L, self.dtype)
