@@ -240,7 +240,7 @@ def test_bfloat16_params_keep_a_bfloat16_cache():
 def test_bfloat16_greedy_equals_argmax_of_forward(cfg, rows):
     """Greedy generation on bfloat16 params picks, at every step, the argmax of the full
     bfloat16 forward over the tokens so far (attention scores, softmax and logits float32
-    on both paths). One row decodes with its own mat-vecs (`model.narrow_matvec`)."""
+    on both paths). One row takes XLA:CPU's own mat-vec (`model.matmul_T`)."""
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params(cfg))
     prompts = PROMPTS[:rows]
     out = generate(params, cfg, prompts, max_new_tokens=12, temperature=0)

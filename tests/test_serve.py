@@ -639,7 +639,7 @@ def test_engine_serves_modern_architectures():
 
 def test_engine_decodes_bfloat16_weights():
     """serve --dtype bfloat16: a greedy request alone in the engine (one row, decoded with
-    model.narrow_matvec) picks the argmax of the bfloat16 full forward at every step."""
+    `model.matmul_T`) picks the argmax of the bfloat16 full forward at every step."""
     import queue
 
     cfg = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=97)

@@ -160,9 +160,8 @@ def resize(cache, head, slots: int):
 def transpose_kernels(params):
     """The params with every block's kernel stored [out, in] (as `kernel_T`), for decoding
     1-16 rows at a time: XLA:CPU multiplies them by a large weight faster with the weight as
-    the left operand (GPT-2 124M's mat-vecs 1.2x at 1 row, ~1.3x at 8 rows). The barrier
-    in `model._dense` keeps XLA from folding the transposes back into the original dot.
-    One row on bfloat16 weights goes through `model.narrow_matvec` instead."""
+    the left operand (GPT-2 124M's mat-vecs 1.2x at 1 row, ~1.3x at 8 rows; see
+    `model.matmul_T`)."""
 
     def dense_T(p):
         if "kernel" not in p:  # a norm
@@ -177,14 +176,10 @@ def transpose_kernels(params):
 
 
 def last_logits(params, h_ND, B: int, cfg: GPTConfig) -> jax.Array:
-    """Float32 logits [B, V] of each row's last position. The output layer [V, D] is the
-    left operand, as stored: on the right, XLA:CPU copies its transpose at every step (one
-    row on bfloat16 weights: `model.narrow_matvec`)."""
-    h_BD, head_VD = h_ND.reshape(B, -1, h_ND.shape[-1])[:, -1], model.output_embedding(params)
-    if B == 1 and head_VD.dtype != jnp.float32:
-        return model.softcap(model.narrow_matvec(h_BD.astype(jnp.float32), head_VD), cfg)
-    logits_VB = jnp.matmul(head_VD, h_BD.T, preferred_element_type=jnp.float32)
-    return model.softcap(jax.lax.optimization_barrier(logits_VB).T, cfg)
+    """Float32 logits [B, V] of each row's last position, from the output layer [V, D] as
+    stored (`model.matmul_T`)."""
+    h_BD = h_ND.reshape(B, -1, h_ND.shape[-1])[:, -1]
+    return model.softcap(model.matmul_T(h_BD, model.output_embedding(params)), cfg)
 
 
 def filter_logits(logits_BV: jax.Array, temperature, top_k=None, top_p=None) -> jax.Array:

@@ -94,22 +94,24 @@ def flops_per_token(cfg: GPTConfig) -> float:
     return 6 * n + 12 * cfg.n_layer * cfg.block_size * H * K
 
 
-def narrow_matvec(x_1D: jax.Array, w_OD: jax.Array) -> jax.Array:
-    """x_1D @ w_OD.T for one row and weights narrower than float32 (bfloat16), accumulated in
-    float32, in x's dtype. XLA:CPU's own mat-vec reads the narrow weights as stored and
-    converts them on the fly at the weights' rate; its library dots run bfloat16 ~5x slower
-    than float32. Tying the weights to x keeps XLA from hoisting their conversion out of a
-    decode loop, which would read float32 copies at every step."""
-    w_OD, x_1D = jax.lax.optimization_barrier((w_OD, x_1D))
-    y_1O = jnp.matmul(x_1D, w_OD.T, preferred_element_type=jnp.float32)
-    return y_1O.astype(x_1D.dtype)
+def matmul_T(x_ND: jax.Array, w_OD: jax.Array) -> jax.Array:
+    """x_ND @ w_OD.T in float32, for a weight stored [out, in] as decoding reads it (the output
+    layer; the kernels of `jaxgpt.decode.transpose_kernels`). XLA:CPU multiplies a few rows
+    fastest with the weight as the left operand, as stored; the barrier keeps XLA from
+    folding the transposes back (on the right, it copies the weight's transpose at every
+    step). One row on a weight narrower than float32 (bfloat16) goes the other way: XLA:CPU's
+    own mat-vec reads it as stored and converts it on the fly, where its library dots run
+    bfloat16 ~5x slower than float32. Tying the weight to the row keeps XLA from hoisting
+    that conversion out of a decode loop, which would read a float32 copy at every step."""
+    if x_ND.shape[0] == 1 and w_OD.dtype != jnp.float32:
+        w_OD, x_ND = jax.lax.optimization_barrier((w_OD, x_ND))
+        return jnp.matmul(x_ND, w_OD.T, preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(jnp.matmul(w_OD, x_ND.T, preferred_element_type=jnp.float32)).T
 
 
 def _dense(p: dict, x_ND: jax.Array) -> jax.Array:
-    if "kernel_T" in p and x_ND.shape[0] == 1 and p["kernel_T"].dtype != jnp.float32:
-        y = narrow_matvec(x_ND, p["kernel_T"])
-    elif "kernel_T" in p:  # see `jaxgpt.decode.transpose_kernels`
-        y = jax.lax.optimization_barrier(p["kernel_T"] @ x_ND.T).T
+    if "kernel_T" in p:  # see `jaxgpt.decode.transpose_kernels`
+        y = matmul_T(x_ND, p["kernel_T"]).astype(x_ND.dtype)
     else:
         y = x_ND @ p["kernel"]
     return y + p["bias"] if "bias" in p else y
