@@ -113,11 +113,11 @@ def prefill(params, cache, tokens_BT, positions_BT, at, cfg: GPTConfig):
 def prefill_and_pick(params, cache, tokens_BT, positions_BT, at, rows: dict, cfg: GPTConfig, greedy: bool):
     """`prefill` of whole prompts (left-padded, so each ends at the last slot written) that
     also picks each row's first new token from its last position, as `decode` would: one
-    read of the weights before the first token instead of two. Returns (cache, tokens [B],
-    the rows' state after them, as `decode` returns it)."""
+    read of the weights before the first token instead of two. Returns (cache, the rows'
+    state after it, as `decode` returns it: "last" holds the tokens picked)."""
     h_ND, cache = hidden(params, tokens_BT, positions_BT, cache, at, cfg)
     state = {k: rows[k] for k in STATE}
-    return cache, *_advance(last_logits(params, h_ND, tokens_BT.shape[0], cfg), state, rows, greedy)
+    return cache, _advance(last_logits(params, h_ND, tokens_BT.shape[0], cfg), state, rows, greedy)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -273,13 +273,13 @@ def sample(logits_BV, n_B, rows: dict):
 
 
 def _advance(logits_BV, state: dict, rows: dict, greedy: bool):
-    """Each row's next token (argmax under `greedy`, else `sample`) and the rows' state after
-    it: the token is fed next, at the next position, and the row stays live unless it was one
-    of its stop tokens or its max_tokens-th."""
+    """The rows' state after picking each row's next token (argmax under `greedy`, else
+    `sample`): the token is "last", fed next at the next position, and the row stays live
+    unless it was one of its stop tokens or its max_tokens-th."""
     n_B = state["n"]
     tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32) if greedy else sample(logits_BV, n_B, rows)
     live_B = state["live"] & ~(tok_B[:, None] == rows["stop"]).any(-1) & (n_B + 1 < rows["max_tokens"])
-    return tok_B, {"last": tok_B, "pos": state["pos"] + 1, "n": n_B + 1, "live": live_B}
+    return {"last": tok_B, "pos": state["pos"] + 1, "n": n_B + 1, "live": live_B}
 
 
 def _logprobs(logits_BV, tok_B, want_B):
@@ -333,7 +333,8 @@ def decode(params, cache, head, rows: dict, until, cfg: GPTConfig, steps: int, u
         h_ND, cache = hidden(params, state["last"][:, None], jnp.where(live_B, state["pos"], -1)[:, None], cache,
                              (head + k) % S, cfg)
         logits_BV = last_logits(params, h_ND, used, cfg)
-        tok_B, next_state = _advance(logits_BV, state, rows, greedy)
+        next_state = _advance(logits_BV, state, rows, greedy)
+        tok_B = next_state["last"]
         want_B = rows["logprobs"] & live_B if logprobs else None
         logprob_B, top_ids_BN, top_logprobs_BN = _logprobs(logits_BV, tok_B, want_B)
         picked = {"tokens": tok_B, "live": live_B, "logprob": logprob_B, "top_ids": top_ids_BN,

@@ -87,14 +87,12 @@ def generate_stream(
     steps, greedy = pow2_bucket(chunk_tokens), temperature == 0
     max_slots = P + min(pow2_bucket(max_new_tokens, 16), bs)  # under rope, >= block_size once a row can pass it
     slots = min(2 * P, max_slots)
-    cache, first_B, state = decode.prefill_and_pick(params, decode.init_cache(cfg, B, slots, dtype),
-                                                    *_left_padded(seqs, B, P, whole=True), np.int32(0), rows, cfg,
-                                                    greedy)
-    first_B, state = jax.device_get((first_B, state))
-    chunk = [[int(first_B[i])] for i in range(len(seqs))]
+    cache, state = decode.prefill_and_pick(params, decode.init_cache(cfg, B, slots, dtype),
+                                           *_left_padded(seqs, B, P, whole=True), np.int32(0), rows, cfg, greedy)
+    rows |= {k: np.array(v) for k, v in state.items()}
+    chunk = [[int(rows["last"][i])] for i in range(len(seqs))]
     for seq, new in zip(seqs, chunk):
         seq.extend(new)
-    rows |= {k: np.array(v) for k, v in state.items()}
     yield chunk
     head = P  # the slot the next step writes, counted without wrapping
     windows = False  # a learned position table and a row past block_size: see _window_step
