@@ -157,6 +157,7 @@ def resize(cache, head, slots: int):
     return jax.tree.map(resize_leaf, cache)
 
 
+@jax.jit
 def transpose_kernels(params):
     """The params with every block's kernel stored [out, in] (as `kernel_T`), for decoding
     1-16 rows at a time: XLA:CPU multiplies them by a large weight faster with the weight as

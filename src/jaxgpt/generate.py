@@ -30,8 +30,6 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.decode import pow2_bucket
 from jaxgpt.errors import UserError
 
-_transpose_kernels = jax.jit(decode.transpose_kernels)
-
 
 class GenerateError(UserError):
     """A request generate cannot serve: the message names the argument and the fix."""
@@ -83,7 +81,7 @@ def generate_stream(
         decode.set_row(rows, i, seq, max_new_tokens, cfg.vocab_size, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, row=i, stop=stop_tokens)
     dtype = decode.float_dtype(params)
-    decode_params = _transpose_kernels(params)  # read at every step: worth a copy
+    decode_params = decode.transpose_kernels(params)  # read at every step: worth a copy
     steps, greedy = pow2_bucket(chunk_tokens), temperature == 0
     max_slots = P + min(pow2_bucket(max_new_tokens, 16), bs)  # under rope, >= block_size once a row can pass it
     slots = min(2 * P, max_slots)

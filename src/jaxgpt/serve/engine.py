@@ -189,8 +189,8 @@ class Engine:
 
     def _setup(self) -> None:
         cfg, B = self.cfg, self.slots
-        # Decoding a few rows is faster with the kernels stored [out, in] (see decode.transpose_kernels).
-        self.decode_params = jax.jit(decode.transpose_kernels)(self.params)
+        # Decoding is faster with the kernels stored [out, in] (see decode.transpose_kernels).
+        self.decode_params = decode.transpose_kernels(self.params)
         self.dtype = decode.float_dtype(self.params)
         self.ring = self.ring_sizes[0]
         self.cache = decode.init_cache(cfg, B, self.ring, self.dtype)
